@@ -1,0 +1,166 @@
+"""Count Python-level function calls per proxied request (DESIGN.md §2 budget).
+
+The gateway's worker runs in this process on uvloop with `sys.setprofile` installed; an origin
+runs in a subprocess and a client thread (not profiled: setprofile is per thread) sends
+keep-alive requests. Every Python frame the worker's thread enters is counted, so a
+regression that adds Python work to the hot path shows up as a larger number.
+
+    python benchmarks/pycalls.py [--requests 2000]
+
+Scenarios: a plain route (no middleware: expected 0 Python calls per request) and a route with
+one no-op middleware (expected 2: dispatch + on_request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any
+
+import uvloop
+
+from fastgate.config.schema import parse_config
+from fastgate.middleware import registry
+from fastgate.server.worker import Worker
+
+ORIGIN = textwrap.dedent(
+    """
+    import asyncio, sys
+    class P(asyncio.Protocol):
+        def connection_made(self, t): self.t = t; self.b = b""
+        def data_received(self, d):
+            self.b += d
+            while b"\\r\\n\\r\\n" in self.b:
+                _, self.b = self.b.split(b"\\r\\n\\r\\n", 1)
+                self.t.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 12\\r\\n\\r\\nhello world\\n")
+    async def main():
+        s = await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(sys.argv[1]))
+        print("ready", flush=True)
+        await s.serve_forever()
+    asyncio.run(main())
+    """
+)
+
+
+@registry.register
+class NoOp:
+    """A middleware that does nothing: measures the cost of having a chain at all."""
+
+    type = "pycalls_noop"
+
+    def __init__(self, options: dict[str, Any], name: str) -> None:
+        self.name = name
+
+    def on_request(self, ctx: Any) -> None:
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client(port: int, path: str, n: int, done: threading.Event) -> None:
+    """Send n keep-alive GETs one after another and read each response whole."""
+    req = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        for _ in range(n):
+            s.sendall(req)
+            buf = b""
+            while not buf.endswith(b"hello world\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise RuntimeError("connection closed")
+                buf += chunk
+    done.set()
+
+
+def measure(port: int, path: str, n: int) -> tuple[float, collections.Counter[str]]:
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+
+    def prof(frame: Any, event: str, arg: Any) -> None:
+        nonlocal total
+        if event == "call":
+            total += 1
+            code = frame.f_code
+            counts[f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"] += 1
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        done = threading.Event()
+        t = threading.Thread(target=client, args=(port, path, n, done), daemon=True)
+        sys.setprofile(prof)
+        t.start()
+        while not done.is_set():
+            await asyncio.sleep(0.05)
+        sys.setprofile(None)
+        await loop.run_in_executor(None, t.join)
+
+    asyncio.get_event_loop().run_until_complete(run())
+    return total / n, counts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    args = ap.parse_args()
+    oport, gport = free_port(), free_port()
+    origin = subprocess.Popen(
+        [sys.executable, "-c", ORIGIN, str(oport)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert origin.stdout is not None and origin.stdout.readline().strip() == "ready"
+        config = parse_config(
+            {
+                "workers": 1,
+                "admin": {"enabled": False},
+                "entrypoints": {"web": {"address": f"127.0.0.1:{gport}"}},
+                "services": {"o": {"servers": [{"url": f"http://127.0.0.1:{oport}"}]}},
+                "middlewares": {"noop": {"type": "pycalls_noop"}},
+                "routes": [
+                    {"name": "plain", "match": {"path": "/plain"}, "service": "o"},
+                    {
+                        "name": "chain",
+                        "match": {"path": "/chain"},
+                        "service": "o",
+                        "middlewares": ["noop"],
+                    },
+                ],
+            }
+        )
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+
+        async def start() -> Worker:
+            w = Worker(config, None, None)
+            await w.start()
+            return w
+
+        loop.run_until_complete(start())
+        measure(gport, "/plain", 200)  # warm up: upstream connection, caches
+        print(f"Python calls per proxied request ({args.requests} keep-alive requests):")
+        rows = []
+        for name, path in (("plain route", "/plain"), ("route + 1 no-op middleware", "/chain")):
+            t0 = time.perf_counter()
+            per, counts = measure(gport, path, args.requests)
+            dt = time.perf_counter() - t0
+            rows.append((name, per))
+            top = ", ".join(f"{k}x{v / args.requests:.2f}" for k, v in counts.most_common(4))
+            print(f"  {name:<28} {per:6.2f}   ({dt:.2f}s) {top}")
+        return 0
+    finally:
+        origin.terminate()
+        origin.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1067 @@
+#!/usr/bin/env python3
+"""fastgate against its peers: wrk through each reverse proxy, ratios to nginx in the same run.
+
+Method (benchmarks/README.md has the details):
+
+- The proxy under test runs on core 0 (`taskset -c 0`), one worker / one thread. The origin
+  (nginx, one worker: 12 B from memory, 16 KiB and 1 MiB static files) and wrk share core 1.
+- Every response body is checked byte-for-byte through every target before anything is
+  measured, and keep-alive must hold.
+- Rounds are interleaved (round -> scenario -> target: A B C A B C ...); each recorded run is
+  preceded by an unrecorded warm-up run. A wrk run with socket errors or non-2xx responses is
+  invalid and left out of the medians.
+- Reported per target: req/s (median, min-max), the ratio to nginx computed within each round,
+  p50/p99 latency, and the proxy's CPU µs per request (utime+stime of the proxy's process tree
+  from /proc/PID/stat before and after the run, divided by the requests wrk counted).
+
+Standard library only; matplotlib, when installed, adds a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import grp
+import http.client
+import json
+import os
+import platform
+import pwd
+import random
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PEERS = HERE / "peers"
+DEFAULT_OUT = HERE / "results"
+
+PROXY_CORE = 0  # the proxy under test
+LOAD_CORE = 1  # the origin and wrk
+ALL_TARGETS = ("origin", "nginx", "haproxy", "fastgate")
+BASELINE = "nginx"
+DEFAULT_FASTGATE_CMD = (
+    "{python} -m fastgate proxy --listen 127.0.0.1:{port} "
+    "--to http://127.0.0.1:{origin_port} --workers 1"
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DASH = "\u2013"  # en dash: ranges and empty cells in the markdown
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+WRK_GRACE = 30.0
+NOISY_PCT = 5.0  # other processes' share of a core above which a table is flagged noisy
+
+
+class BenchError(Exception):
+    """A condition that stops the run, with a message meant for the person running it."""
+
+
+@dataclass(frozen=True)
+class Size:
+    """One response size the origin serves: a key for the CLI, its path and its label."""
+
+    key: str
+    path: str
+    label: str
+    filename: str | None  # None: the body comes from the origin's `return` directive
+    length: int
+
+
+SIZES: dict[str, Size] = {
+    s.key: s
+    for s in (
+        Size("small", "/", "12 B", None, 12),
+        Size("16k", "/16k.bin", "16 KiB", "16k.bin", 16 * 1024),
+        Size("1m", "/1m.bin", "1 MiB", "1m.bin", 1024 * 1024),
+    )
+}
+SMALL_BODY = b"hello world\n"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A load shape: one response size, one number of keep-alive connections."""
+
+    size: Size
+    connections: int
+
+    @property
+    def name(self) -> str:
+        """Short name used in JSON keys and progress lines, e.g. `small c50`."""
+        return f"{self.size.key} c{self.connections}"
+
+    @property
+    def title(self) -> str:
+        """Heading for the markdown table."""
+        return f"{self.size.label} body · keep-alive · {self.connections} connections"
+
+
+@dataclass
+class Target:
+    """A running thing wrk can be pointed at: a proxy, or the origin itself."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    proxied: bool  # False for the origin measured direct: no proxy CPU to report
+
+
+@dataclass
+class WrkResult:
+    """What one wrk run reported."""
+
+    requests: int = 0
+    seconds: float = 0.0
+    rps: float = 0.0
+    latency_us: dict[str, float] = field(default_factory=dict)
+    # Empty only when wrk finished cleanly with no socket errors and no non-2xx responses.
+    errors: list[str] = field(default_factory=list)
+    output: str = ""
+
+
+@dataclass
+class Run:
+    """One recorded wrk run through one target, with the proxy CPU it cost."""
+
+    round: int
+    scenario: str
+    size: str
+    connections: int
+    target: str
+    valid: bool
+    errors: list[str]
+    requests: int
+    seconds: float
+    rps: float
+    latency_us: dict[str, float]
+    cpu_us_per_req: float | None
+    origin_cpu_us_per_req: float | None
+    # % of each core used by processes that are not ours during the run (noise), and steal.
+    other_load_pct: dict[str, float]
+    proxy_pids: list[int]
+    wrk_output: str
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+class Processes:
+    """Every child process this run started, so that all of them are stopped at the end.
+
+    Each child gets its own session (and so its own process group, whose id is the child's
+    pid): a Ctrl-C reaches only this script, which then stops the groups it started, by id.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start a long-running child with stdout and stderr in `<workdir>/<name>.log`."""
+        log_path = self.workdir / f"{name}.log"
+        log = log_path.open("wb")
+        self._logs.append(log)
+        proc = self.spawn(argv, stdout=log, cwd=cwd, env=env)
+        return proc, log_path
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: IO[bytes] | int,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start a child in its own session and remember it for `stop_all`."""
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise BenchError(f"cannot start {shlex.join(argv)}: {exc}") from exc
+        self._procs.append(proc)
+        return proc
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        """Drop a child that has exited on its own (a finished wrk run)."""
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        """SIGTERM every process group we started, then SIGKILL what is left after a grace."""
+        alive = [p for p in self._procs if p.poll() is None]
+        for proc in alive:
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in alive:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        # Group members (nginx workers, fastgate workers) may outlive their leader.
+        for proc in self._procs:
+            _signal_group(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+            if not _wait_group_gone(proc.pid, STOP_TIMEOUT):
+                print(f"warning: process group {proc.pid} did not exit", file=sys.stderr)
+        self._procs.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Send `sig` to the process group `pgid` (one we created); ignore a group already gone."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until no process of group `pgid` is left (orphans are reaped by init)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so the cleanup in `main` runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def wait_for_port(
+    name: str, port: int, proc: subprocess.Popen[bytes], logs: Iterable[Path], timeout: float
+) -> None:
+    """Wait until 127.0.0.1:`port` accepts a connection; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            details = "\n".join(f"--- {p}\n{tail(p)}" for p in logs)
+            raise BenchError(f"{name} exited with status {proc.returncode}\n{details}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            details = "\n".join(f"--- {p}\n{tail(p)}" for p in logs)
+            raise BenchError(
+                f"{name} did not listen on 127.0.0.1:{port} in {timeout:.0f}s\n{details}"
+            )
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+
+
+def render(template: str, dest: Path, values: dict[str, str | int]) -> Path:
+    """Fill `@name@` placeholders of a file in benchmarks/peers/ and write it to `dest`."""
+    text = (PEERS / template).read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    config_lines = (line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    leftover = re.search(r"@[a-z_]+@", "\n".join(config_lines))
+    if leftover:
+        raise BenchError(f"{template}: placeholder {leftover.group(0)} has no value")
+    dest.write_text(text)
+    return dest
+
+
+def nginx_user_directive() -> str:
+    """`user` line for nginx: as root, workers run as the current user (Debian has no group
+    `nobody`, nginx's default); otherwise nothing, since nginx cannot switch users."""
+    if os.geteuid() != 0:
+        return ""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    return f"user {user} {group};"
+
+
+def make_www(root: Path) -> dict[str, bytes]:
+    """Write the origin's static files; return the expected body for each size key."""
+    root.mkdir(parents=True)
+    rng = random.Random(20261127)  # the same bytes every run
+    expected = {}
+    for size in SIZES.values():
+        if size.filename is None:
+            expected[size.key] = SMALL_BODY
+            continue
+        body = rng.randbytes(size.length)
+        (root / size.filename).write_bytes(body)
+        expected[size.key] = body
+    return expected
+
+
+def start_nginx(
+    procs: Processes, name: str, template: str, core: int, values: dict[str, str | int]
+) -> Target:
+    """Start an nginx (origin or proxy) in its own prefix under the run's temp dir."""
+    prefix = procs.workdir / name
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    conf = render(
+        template,
+        prefix / "nginx.conf",
+        {"prefix": prefix, "user": nginx_user_directive(), **values},
+    )
+    error_log = prefix / "error.log"
+    argv = ["taskset", "-c", str(core), "nginx", "-p", f"{prefix}/", "-c", str(conf)]
+    argv += ["-e", str(error_log)]  # not the packaged /var/log/nginx/error.log
+    proc, log = procs.start(name, argv)
+    port = int(values["port"])
+    wait_for_port(name, port, proc, [log, error_log], STARTUP_TIMEOUT)
+    return Target(name, port, proc, log, proxied=name != "origin")
+
+
+def start_haproxy(procs: Processes, origin_port: int) -> Target:
+    """Start HAProxy (one thread, foreground) pinned to the proxy core."""
+    prefix = procs.workdir / "haproxy"
+    prefix.mkdir()
+    port = free_port()
+    conf = render(
+        "haproxy.cfg",
+        prefix / "haproxy.cfg",
+        {"prefix": prefix, "port": port, "origin_port": origin_port},
+    )
+    argv = ["taskset", "-c", str(PROXY_CORE), "haproxy", "-db", "-f", str(conf)]
+    proc, log = procs.start("haproxy", argv)
+    wait_for_port("haproxy", port, proc, [log], STARTUP_TIMEOUT)
+    return Target("haproxy", port, proc, log, proxied=True)
+
+
+def fastgate_argv(template: str, port: int, origin_port: int) -> list[str]:
+    """The fastgate command line from its template ({python}, {port}, {origin_port})."""
+    try:
+        cmd = template.format(
+            python=shlex.quote(sys.executable), port=port, origin_port=origin_port
+        )
+    except (KeyError, IndexError) as exc:
+        raise BenchError(f"--fastgate-cmd: unknown placeholder {exc}") from exc
+    return ["taskset", "-c", str(PROXY_CORE), *shlex.split(cmd)]
+
+
+def start_fastgate(procs: Processes, origin_port: int, template: str) -> Target:
+    """Start fastgate from the repository checkout, pinned to the proxy core."""
+    port = free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    argv = fastgate_argv(template, port, origin_port)
+    print(f"fastgate: {shlex.join(argv)}")
+    proc, log = procs.start("fastgate", argv, cwd=REPO, env=env)
+    wait_for_port("fastgate", port, proc, [log], STARTUP_TIMEOUT)
+    return Target("fastgate", port, proc, log, proxied=True)
+
+
+def start_targets(
+    procs: Processes, names: Sequence[str], fastgate_cmd: str
+) -> tuple[Target, dict[str, Target], dict[str, bytes]]:
+    """Start the origin and every requested target; return origin, targets by name, bodies."""
+    expected = make_www(procs.workdir / "www")
+    origin_port = free_port()
+    origin = start_nginx(
+        procs,
+        "origin",
+        "origin.nginx.conf",
+        LOAD_CORE,
+        {"port": origin_port, "www": procs.workdir / "www"},
+    )
+    targets: dict[str, Target] = {}
+    for name in names:
+        if name == "origin":
+            targets[name] = origin
+        elif name == "nginx":
+            values: dict[str, str | int] = {"port": free_port(), "origin_port": origin_port}
+            targets[name] = start_nginx(procs, "nginx", "proxy.nginx.conf", PROXY_CORE, values)
+        elif name == "haproxy":
+            targets[name] = start_haproxy(procs, origin_port)
+        elif name == "fastgate":
+            targets[name] = start_fastgate(procs, origin_port, fastgate_cmd)
+    return origin, targets, expected
+
+
+def check_bodies(
+    targets: Iterable[Target], sizes: Sequence[Size], expected: dict[str, bytes]
+) -> None:
+    """GET every size twice on one connection through every target; bodies must match the
+    origin's byte for byte, status must be 200 and the connection must stay open."""
+    for target in targets:
+        conn = http.client.HTTPConnection("127.0.0.1", target.port, timeout=10)
+        try:
+            for size in sizes:
+                for attempt in (1, 2):
+                    try:
+                        conn.request("GET", size.path, headers={"Host": "bench.local"})
+                        resp = conn.getresponse()
+                        body = resp.read()
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise BenchError(f"{target.name} GET {size.path}: {exc!r}") from exc
+                    where = f"{target.name} GET {size.path} (request {attempt})"
+                    if resp.status != 200:
+                        raise BenchError(f"{where}: status {resp.status}")
+                    if body != expected[size.key]:
+                        raise BenchError(
+                            f"{where}: body differs from the origin's "
+                            f"({len(body)} bytes, expected {len(expected[size.key])})"
+                        )
+                    if resp.will_close:
+                        raise BenchError(f"{where}: connection not kept alive")
+            print(f"check: {target.name}: {', '.join(s.key for s in sizes)} bodies identical")
+        finally:
+            conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+
+
+def read_stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime+stime in ticks) of a process from /proc/PID/stat, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+    return int(rest[1]), int(rest[11]) + int(rest[12])
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (nginx master + worker, fastgate supervisor + workers).
+
+    /proc/PID/task/*/children needs CONFIG_PROC_CHILDREN, so parents are read from every
+    /proc/PID/stat instead."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        stat = read_stat(int(entry.name))
+        if stat is not None:
+            children.setdefault(stat[0], []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return sorted(tree)
+
+
+def cpu_ticks(pids: Iterable[int]) -> dict[int, int]:
+    """utime+stime ticks of each live pid."""
+    ticks = {}
+    for pid in pids:
+        stat = read_stat(pid)
+        if stat is not None:
+            ticks[pid] = stat[1]
+    return ticks
+
+
+def core_ticks() -> dict[int, tuple[int, int]]:
+    """(user+nice+system, steal) ticks of each CPU from /proc/stat."""
+    cores = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3].isdigit():
+            name, *fields = line.split()
+            ticks = [int(f) for f in fields]
+            cores[int(name[3:])] = (ticks[0] + ticks[1] + ticks[2], ticks[7])
+    return cores
+
+
+def children_cpu_us() -> float:
+    """CPU µs of this script's reaped children (a finished wrk run counts here)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * 1e6
+
+
+def other_load(
+    before: dict[int, tuple[int, int]],
+    after: dict[int, tuple[int, int]],
+    ours_us: dict[int, float],
+    wall_us: float,
+) -> dict[str, float]:
+    """% of the proxy and load cores busy with processes other than ours, and the highest
+    steal %, between two `core_ticks` snapshots; `ours_us` is our CPU µs on each core."""
+    result: dict[str, float] = {}
+    steal = 0.0
+    for core in (PROXY_CORE, LOAD_CORE):
+        busy_us = (after[core][0] - before[core][0]) * 1e6 / CLK_TCK
+        result[f"core{core}"] = max(0.0, busy_us - ours_us.get(core, 0.0)) * 100 / wall_us
+        steal = max(steal, (after[core][1] - before[core][1]) * 1e6 / CLK_TCK * 100 / wall_us)
+    result["steal"] = steal
+    return result
+
+
+def cpu_delta_us(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU µs used between two `cpu_ticks` snapshots (a process that appeared counts whole)."""
+    ticks = sum(t - before.get(pid, 0) for pid, t in after.items())
+    return ticks * 1e6 / CLK_TCK
+
+
+_UNITS_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+_RE_REQUESTS = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),", re.M)
+_RE_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_RE_PCT = re.compile(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_RE_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_RE_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Requests, req/s, latency percentiles (µs) and errors from `wrk --latency` output."""
+    result = WrkResult(output=output)
+    requests = _RE_REQUESTS.search(output)
+    rps = _RE_RPS.search(output)
+    pcts = {m.group(1): float(m.group(2)) * _UNITS_US[m.group(3)] for m in _RE_PCT.finditer(output)}
+    if not requests or not rps or not {"50", "99"} <= pcts.keys():
+        result.errors.append("wrk output not understood")
+        return result
+    result.requests = int(requests.group(1))
+    result.seconds = float(requests.group(2)) * _UNITS_US[requests.group(3)] / 1e6
+    result.rps = float(rps.group(1))
+    result.latency_us = {f"p{k}": v for k, v in sorted(pcts.items())}
+    sock = _RE_SOCKET.search(output)
+    if sock:
+        kinds = ("connect", "read", "write", "timeout")
+        counts = [f"{n} {k}" for k, n in zip(kinds, map(int, sock.groups()), strict=True) if n]
+        if counts:
+            result.errors.append("socket errors: " + ", ".join(counts))
+    non2xx = _RE_NON2XX.search(output)
+    if non2xx and int(non2xx.group(1)):
+        result.errors.append(f"{non2xx.group(1)} non-2xx/3xx responses")
+    if result.requests == 0:
+        result.errors.append("no requests completed")
+    return result
+
+
+def run_wrk(procs: Processes, port: int, scenario: Scenario, seconds: int) -> WrkResult:
+    """One wrk run on the load core: one thread, N keep-alive connections, `seconds` long."""
+    argv = [
+        "taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{scenario.connections}",
+        f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{scenario.size.path}",
+    ]  # fmt: skip
+    proc = procs.spawn(argv, stdout=subprocess.PIPE)
+    # On Ctrl-C the exception leaves wrk registered, so `Processes.stop_all` ends it.
+    try:
+        out, _ = proc.communicate(timeout=seconds + WRK_GRACE)
+        late = False
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        late = True
+    procs.forget(proc)
+    result = parse_wrk(out.decode(errors="replace"))
+    if late:
+        result.errors.append("wrk did not finish in time")
+    elif proc.returncode != 0:
+        result.errors.append(f"wrk exited with status {proc.returncode}")
+    return result
+
+
+def measure(
+    procs: Processes,
+    target: Target,
+    origin: Target,
+    scenario: Scenario,
+    round_no: int,
+    duration: int,
+    warmup: int,
+) -> Run:
+    """A warm-up run (not recorded), then a recorded run with the proxy's and origin's CPU."""
+    if warmup > 0:
+        run_wrk(procs, target.port, scenario, warmup)
+    proxy_pids = process_tree(target.proc.pid) if target.proxied else []
+    origin_pids = process_tree(origin.proc.pid)
+    proxy_before, origin_before = cpu_ticks(proxy_pids), cpu_ticks(origin_pids)
+    cores_before, wrk_before, t0 = core_ticks(), children_cpu_us(), time.monotonic()
+    wrk = run_wrk(procs, target.port, scenario, duration)
+    cores_after, wrk_after, t1 = core_ticks(), children_cpu_us(), time.monotonic()
+    proxy_after, origin_after = cpu_ticks(proxy_pids), cpu_ticks(origin_pids)
+    proxy_us = cpu_delta_us(proxy_before, proxy_after)
+    origin_us = cpu_delta_us(origin_before, origin_after)
+    ours = {PROXY_CORE: proxy_us, LOAD_CORE: origin_us + wrk_after - wrk_before}
+    errors = list(wrk.errors)
+    if target.proc.poll() is not None:
+        errors.append(f"{target.name} exited with status {target.proc.returncode}")
+    if target.proxied and proxy_after.keys() != proxy_before.keys():
+        errors.append("a proxy process exited during the run: CPU figure incomplete")
+    per_req = wrk.requests or 1
+    return Run(
+        round=round_no,
+        scenario=scenario.name,
+        size=scenario.size.key,
+        connections=scenario.connections,
+        target=target.name,
+        valid=not errors,
+        errors=errors,
+        requests=wrk.requests,
+        seconds=wrk.seconds,
+        rps=wrk.rps,
+        latency_us=wrk.latency_us,
+        cpu_us_per_req=proxy_us / per_req if target.proxied else None,
+        origin_cpu_us_per_req=origin_us / per_req,
+        other_load_pct=other_load(cores_before, cores_after, ours, (t1 - t0) * 1e6),
+        proxy_pids=proxy_pids,
+        wrk_output=wrk.output,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Summary and reports
+
+
+def spread(values: Sequence[float]) -> dict[str, float] | None:
+    """Median, min and max of a non-empty list; None for an empty one."""
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Sequence[str]) -> dict:
+    """Per scenario and target: medians and min-max across rounds of the valid runs, and the
+    ratios to nginx computed within each round (rounds where both runs are valid)."""
+    by_key = {(r.round, r.scenario, r.target): r for r in runs}
+    rounds = sorted({r.round for r in runs})
+    summary: dict[str, dict[str, Any]] = {}
+    for sc in scenarios:
+        summary[sc.name] = {}
+        for name in targets:
+            mine = [r for r in runs if r.scenario == sc.name and r.target == name]
+            ok = [r for r in mine if r.valid]
+            rps_ratio, cpu_ratio = [], []
+            for rnd in rounds:
+                run, base = by_key.get((rnd, sc.name, name)), by_key.get((rnd, sc.name, BASELINE))
+                if not (run and base and run.valid and base.valid and base.rps):
+                    continue
+                rps_ratio.append(run.rps / base.rps)
+                if run.cpu_us_per_req is not None and base.cpu_us_per_req:
+                    cpu_ratio.append(run.cpu_us_per_req / base.cpu_us_per_req)
+            cpu = [r.cpu_us_per_req for r in ok if r.cpu_us_per_req is not None]
+            summary[sc.name][name] = {
+                "runs": len(mine),
+                "valid": len(ok),
+                "rps": spread([r.rps for r in ok]),
+                "rps_ratio": spread(rps_ratio) if BASELINE in targets else None,
+                "p50_us": spread([r.latency_us["p50"] for r in ok]),
+                "p99_us": spread([r.latency_us["p99"] for r in ok]),
+                "cpu_us_per_req": spread(cpu),
+                "cpu_ratio": spread(cpu_ratio) if BASELINE in targets else None,
+                "origin_cpu_us_per_req": spread([r.origin_cpu_us_per_req or 0.0 for r in ok]),
+                "other_load_pct_max": {
+                    key: max((r.other_load_pct[key] for r in mine), default=0.0)
+                    for key in (f"core{PROXY_CORE}", f"core{LOAD_CORE}", "steal")
+                },
+            }
+    return summary
+
+
+def fmt_num(value: float, digits: int = 0) -> str:
+    """A number with thousands separators."""
+    return f"{value:,.{digits}f}"
+
+
+def fmt_latency(us: float) -> str:
+    """A latency in µs below 1 ms, in ms above."""
+    return f"{us:.0f} µs" if us < 1000 else f"{us / 1000:.2f} ms"
+
+
+def fmt_spread(stats: dict[str, float] | None, digits: int, with_range: bool) -> str:
+    """`median` or `median (min-max)` for a table cell; a dash when there is nothing."""
+    if not stats:
+        return DASH
+    med = fmt_num(stats["median"], digits)
+    if not with_range or stats["min"] == stats["max"]:
+        return med
+    return f"{med} ({fmt_num(stats['min'], digits)}{DASH}{fmt_num(stats['max'], digits)})"
+
+
+def markdown(
+    summary: dict,
+    runs: Sequence[Run],
+    scenarios: Sequence[Scenario],
+    targets: Sequence[str],
+    meta: dict,
+) -> str:
+    """The report: machine and settings, one table per scenario, then the invalid runs."""
+    cfg, mach = meta["config"], meta["machine"]
+    many = cfg["rounds"] > 1
+    lines = [
+        f"# fastgate benchmark — {meta['timestamp']}",
+        "",
+        f"- machine: {mach['nproc']} CPUs ({mach['cpu_model']}), Linux {mach['kernel']}, "
+        f"load average at start {mach['loadavg']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()),
+        f"- {cfg['rounds']} interleaved round(s), {cfg['duration']} s per run after a "
+        f"{cfg['warmup']} s warm-up; proxy on core {PROXY_CORE} (1 worker), origin nginx and "
+        f"wrk (-t1) on core {LOAD_CORE}",
+        f"- req/s: median (min{DASH}max) across rounds; ratios to nginx computed within each "
+        "round; p50/p99: medians; CPU µs/req: the proxy's process tree utime+stime ÷ requests",
+        "",
+    ]
+    for sc in scenarios:
+        lines += [
+            f"## {sc.title}",
+            "",
+            f"| target | req/s | min{DASH}max | ratio to nginx | p50 | p99 | CPU µs/req "
+            "| CPU ratio to nginx | valid runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in targets:
+            s = summary[sc.name][name]
+            rps = s["rps"]
+            rng = f"{fmt_num(rps['min'])}{DASH}{fmt_num(rps['max'])}" if rps else DASH
+            cells = [
+                name,
+                fmt_num(rps["median"]) if rps else DASH,
+                rng,
+                fmt_spread(s["rps_ratio"], 2, many),
+                fmt_latency(s["p50_us"]["median"]) if s["p50_us"] else DASH,
+                fmt_latency(s["p99_us"]["median"]) if s["p99_us"] else DASH,
+                fmt_spread(s["cpu_us_per_req"], 1, many),
+                fmt_spread(s["cpu_ratio"], 2, many),
+                f"{s['valid']}/{s['runs']}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", other_load_note([summary[sc.name][name] for name in targets]), ""]
+    bad = [r for r in runs if not r.valid]
+    if bad:
+        lines += ["## Invalid runs (left out of the figures)", ""]
+        lines += [
+            f"- round {r.round}, {r.scenario}, {r.target}: {'; '.join(r.errors)}" for r in bad
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def other_load_note(rows: Sequence[dict]) -> str:
+    """One line under a table: how busy the cores were with processes other than the run's
+    (another job on the machine makes every figure of the table suspect)."""
+    peak = {
+        key: max(row["other_load_pct_max"][key] for row in rows)
+        for key in rows[0]["other_load_pct_max"]
+    }
+    core0, core1 = peak[f"core{PROXY_CORE}"], peak[f"core{LOAD_CORE}"]
+    flag = "**Noisy:** " if max(peak.values()) > NOISY_PCT else ""
+    return (
+        f"{flag}other processes used up to {core0:.0f}% of core {PROXY_CORE} and "
+        f"{core1:.0f}% of core {LOAD_CORE} during these runs; steal up to {peak['steal']:.0f}%."
+    )
+
+
+def write_chart(
+    summary: dict, scenarios: Sequence[Scenario], targets: Sequence[str], path: Path
+) -> bool:
+    """A PNG with req/s and CPU µs/req per scenario and target, if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_rps, ax_cpu) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(targets))
+    xs = range(len(scenarios))
+    for i, name in enumerate(targets):
+        for ax, key in ((ax_rps, "rps"), (ax_cpu, "cpu_us_per_req")):
+            stats = [summary[sc.name][name][key] for sc in scenarios]
+            med = [s["median"] if s else 0.0 for s in stats]
+            err = [
+                [s["median"] - s["min"] if s else 0.0 for s in stats],
+                [s["max"] - s["median"] if s else 0.0 for s in stats],
+            ]
+            ax.bar([x + i * width for x in xs], med, width, yerr=err, capsize=2, label=name)
+    titles = (f"req/s (median, min{DASH}max)", "proxy CPU µs per request")
+    for ax, title in zip((ax_rps, ax_cpu), titles, strict=True):
+        ax.set_title(title)
+        ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in xs])
+        ax.set_xticklabels([sc.name for sc in scenarios])
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def command_output(argv: Sequence[str], cwd: Path | None = None) -> str | None:
+    """First line of a command's combined output, or None if it cannot run."""
+    try:
+        out = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=30, cwd=cwd, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout + out.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def machine_info(targets: Sequence[str]) -> dict:
+    """CPU count and model, kernel, load, tool versions and the repository commit."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "nginx": command_output(["nginx", "-v"]),
+        "wrk": command_output(["wrk", "-v"]),
+    }
+    if "haproxy" in targets:
+        versions["haproxy"] = command_output(["haproxy", "-v"])
+    if "fastgate" in targets:
+        versions["fastgate"] = command_output(
+            [sys.executable, "-c", "import fastgate; print(getattr(fastgate, '__version__', '?'))"],
+            cwd=REPO,
+        )
+    commit = command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = command_output(["git", "-C", str(REPO), "status", "--porcelain"])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "clk_tck": CLK_TCK,
+        "versions": {k: _short_version(v) for k, v in versions.items()},
+        "git_commit": commit if commit and re.fullmatch(r"[0-9a-f]+", commit) else None,
+        "git_dirty": bool(dirty),
+    }
+
+
+def _short_version(line: str | None) -> str:
+    """`nginx version: nginx/1.22.1` → `1.22.1`; the line itself if no version is seen."""
+    if not line:
+        return "unknown"
+    match = re.search(r"\d+\.\d+(?:\.\d+)?(?:[-+.~\w]*)?", line)
+    return match.group(0) if match else line
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def csv_list(text: str) -> list[str]:
+    """A comma-separated list, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options; lists are comma-separated."""
+    ap = argparse.ArgumentParser(
+        description="Benchmark fastgate against nginx and HAProxy with wrk (see README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--duration", type=int, default=5, help="seconds per recorded run")
+    ap.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each run")
+    ap.add_argument("--connections", default="50,200", help="keep-alive connections per scenario")
+    ap.add_argument("--sizes", default="small,16k", help=f"body sizes: {','.join(SIZES)}")
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS), help="targets, in run order")
+    ap.add_argument(
+        "--fastgate-cmd",
+        default=DEFAULT_FASTGATE_CMD,
+        help="fastgate command line; {python}, {port} and {origin_port} are filled in "
+        f"(run from the repository root, prefixed with taskset -c {PROXY_CORE})",
+    )
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the results")
+    args = ap.parse_args(argv)
+    args.targets = csv_list(args.targets)
+    args.sizes = csv_list(args.sizes)
+    try:
+        args.connections = [int(c) for c in csv_list(args.connections)]
+    except ValueError:
+        ap.error("--connections: integers, comma-separated")
+    if unknown := [t for t in args.targets if t not in ALL_TARGETS]:
+        ap.error(f"--targets: unknown {unknown}; choose from {','.join(ALL_TARGETS)}")
+    if len(set(args.targets)) != len(args.targets) or not args.targets:
+        ap.error("--targets: a non-empty list without repeats")
+    if unknown := [s for s in args.sizes if s not in SIZES]:
+        ap.error(f"--sizes: unknown {unknown}; choose from {','.join(SIZES)}")
+    if not args.sizes or not args.connections or min(args.connections) < 1:
+        ap.error("--sizes and --connections need at least one positive value")
+    if args.rounds < 1 or args.duration < 1 or args.warmup < 0:
+        ap.error("--rounds and --duration must be >= 1, --warmup >= 0")
+    return args
+
+
+def require_tools(targets: Sequence[str]) -> None:
+    """Fail with one clear message naming every missing program and the core count needed."""
+    needed = {"taskset": "util-linux", "wrk": "wrk", "nginx": "nginx"}
+    if "haproxy" in targets:
+        needed["haproxy"] = "haproxy"
+    missing = [
+        f"{prog} (Debian package {pkg})" for prog, pkg in needed.items() if not shutil.which(prog)
+    ]
+    if missing:
+        raise BenchError("missing programs: " + ", ".join(missing))
+    if len(os.sched_getaffinity(0)) < 2:
+        raise BenchError("need at least 2 usable CPUs (proxy on core 0, origin and wrk on core 1)")
+
+
+def raise_fd_limit() -> None:
+    """Raise the open-file soft limit to the hard limit; children (HAProxy at maxconn 8000,
+    nginx, wrk) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def write_results(
+    out: Path, stamp: str, report: dict, md: str, chart: Callable[[Path], bool]
+) -> list[Path]:
+    """Write `<stamp>.json`, `<stamp>.md`, `latest.md` (and PNGs); return the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    json_path, md_path = out / f"{stamp}.json", out / f"{stamp}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(md + "\n")
+    shutil.copyfile(md_path, out / "latest.md")
+    written += [json_path, md_path, out / "latest.md"]
+    png = out / f"{stamp}.png"
+    if chart(png):
+        shutil.copyfile(png, out / "latest.png")
+        written += [png, out / "latest.png"]
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start everything, check bodies, run the interleaved rounds, write the reports."""
+    args = parse_args(argv)
+    scenarios = [Scenario(SIZES[s], c) for s in args.sizes for c in args.connections]
+    started = dt.datetime.now(dt.timezone.utc)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="fastgate-bench-"))
+    procs = Processes(workdir)
+    runs: list[Run] = []
+    try:
+        require_tools(args.targets)
+        raise_fd_limit()
+        machine = machine_info(args.targets)
+        origin, targets, expected = start_targets(procs, args.targets, args.fastgate_cmd)
+        check_bodies(targets.values(), [SIZES[s] for s in args.sizes], expected)
+        total = args.rounds * len(scenarios) * len(targets)
+        eta = total * (args.duration + args.warmup)
+        print(f"{total} runs, about {eta // 60} min {eta % 60} s")
+        for round_no in range(1, args.rounds + 1):
+            for sc in scenarios:
+                for name in args.targets:
+                    run = measure(
+                        procs, targets[name], origin, sc, round_no, args.duration, args.warmup
+                    )
+                    runs.append(run)
+                    print(progress_line(run, args.rounds))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: processes stopped, no results written", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = summarize(runs, scenarios, args.targets)
+    config = {
+        "rounds": args.rounds,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "connections": args.connections,
+        "sizes": args.sizes,
+        "targets": args.targets,
+        "fastgate_cmd": args.fastgate_cmd if "fastgate" in args.targets else None,
+        "proxy_core": PROXY_CORE,
+        "load_core": LOAD_CORE,
+    }
+    meta = {
+        "timestamp": started.isoformat(timespec="seconds"),
+        "machine": machine,
+        "config": config,
+    }
+    md = markdown(summary, runs, scenarios, args.targets, meta)
+    report = {**meta, "schema": 1, "summary": summary, "runs": [asdict(r) for r in runs]}
+    written = write_results(
+        args.out, stamp, report, md, lambda p: write_chart(summary, scenarios, args.targets, p)
+    )
+    print()
+    print(md)
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0 if all(r.valid for r in runs) else 1
+
+
+def progress_line(run: Run, rounds: int) -> str:
+    """One line per recorded run while the suite is going."""
+    cpu = f"{run.cpu_us_per_req:.1f} µs/req" if run.cpu_us_per_req is not None else DASH
+    head = f"[round {run.round}/{rounds}] {run.scenario:<11} {run.target:<9}"
+    if not run.valid:
+        return f"{head} INVALID: {'; '.join(run.errors)}"
+    p50, p99 = run.latency_us["p50"], run.latency_us["p99"]
+    other = "/".join(f"{run.other_load_pct[f'core{c}']:.0f}%" for c in (PROXY_CORE, LOAD_CORE))
+    return (
+        f"{head} {fmt_num(run.rps):>9} req/s  p50 {fmt_latency(p50):>9}  "
+        f"p99 {fmt_latency(p99):>9}  cpu {cpu:<12}  other load {other}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The compiled hot path: HTTP parsing, body framing, routing and the connection relay."""

@@ -1,0 +1,169 @@
+# The relay: client connections (ConnCore), upstream connections (UpstreamCore), their pools,
+# and the per-worker Engine that owns timers and counters. Read this before conn.pyx.
+
+from fastgate._core.httphead cimport RequestHead, ResponseHead, Limits
+from fastgate._core.body cimport ChunkedScanner
+from fastgate._core.router cimport Router
+from fastgate._core.writer cimport ForwardInfo
+
+cdef enum ReqState:
+    RQ_HEAD = 0        # waiting for (the rest of) a request head
+    RQ_DISPATCH = 1    # head parsed; a middleware is waiting on I/O or the upstream connects
+    RQ_BODY = 2        # streaming the request body upstream
+    RQ_SENT = 3        # request fully sent; waiting for the response to finish
+    RQ_TUNNEL = 4      # after 101 Switching Protocols: bytes relayed both ways
+    RQ_CLOSED = 5
+
+cdef enum RespState:
+    RS_NONE = 0        # no exchange in flight
+    RS_HEAD = 1        # waiting for the response head
+    RS_BODY = 2        # relaying the response body
+    RS_TUNNEL = 3
+
+cdef enum TimerKind:
+    T_NONE = 0
+    T_HEAD = 1         # client head read (408)
+    T_IDLE = 2         # keep-alive idle between requests (silent close)
+    T_BODY = 3         # idle gap in the request body (408)
+    T_UPSTREAM = 4     # upstream response head / idle gap in its body (504 or abort)
+    T_SEND = 5         # the client does not read what we send (abort)
+
+cdef class Engine:
+    cdef readonly object loop
+    cdef public object dispatch            # dispatch(conn, head) for routes with a chain
+    cdef readonly double now                # coarse clock, refreshed by the ticker
+    cdef readonly set conns                 # live client connections
+    cdef readonly set upstreams             # live upstream connections
+    cdef list pools                         # every ServerPool in use, for idle expiry
+    cdef object ticker
+    cdef double tick_interval
+    cdef bytes rid_prefix
+    cdef unsigned long long rid_counter
+    cdef readonly bint draining
+    cdef readonly unsigned long long requests     # requests whose head was parsed
+    cdef readonly unsigned long long responses    # exchanges completed
+    cdef readonly unsigned long long errors       # gateway-generated error replies
+    cdef bytes next_request_id(self)
+    cdef void register_pool(self, ServerPool pool)
+
+cdef class EntryConfig:
+    # Immutable per config generation; swapped on reload (EntryPoint.cfg).
+    cdef readonly Router router
+    cdef readonly Limits limits
+    cdef readonly double head_timeout
+    cdef readonly double idle_timeout
+    cdef readonly double body_timeout
+    cdef readonly long long max_body
+    cdef readonly bytes proto
+    cdef readonly object trusted_nets      # tuple of ipaddress networks
+    cdef readonly bint forwarded_header
+
+cdef class EntryPoint:
+    cdef public EntryConfig cfg
+    cdef readonly str name
+
+cdef class ServerPool:
+    # One upstream server and its idle keep-alive connections (LIFO).
+    cdef readonly str host
+    cdef readonly int port
+    cdef readonly str url
+    cdef list idle
+    cdef readonly int max_idle
+    cdef readonly double idle_timeout
+    cdef readonly double connect_timeout
+    cdef readonly double response_timeout
+    cdef readonly double idle_body_timeout
+    cdef readonly int active               # connections lent to clients
+    cdef readonly unsigned long long connects
+    cdef readonly unsigned long long connect_errors
+    cdef bint closed
+    cdef UpstreamCore acquire(self)
+    cdef void release(self, UpstreamCore up)
+    cdef void expire(self, double now)
+
+cdef class Service:
+    cdef readonly str name
+    cdef readonly tuple servers            # ServerPool, expanded by weight
+    cdef Py_ssize_t rr
+    cdef ServerPool pick(self)
+
+cdef class Route:
+    cdef readonly str name
+    cdef readonly tuple chain              # middlewares, built once at compile
+    cdef readonly Service service
+    cdef readonly bytes extra_headers      # preformatted request header lines
+
+cdef class UpstreamCore:
+    cdef object transport
+    cdef object _write
+    cdef Engine engine
+    cdef ServerPool pool
+    cdef ConnCore client                   # attached client, None while idle
+    cdef list pending                      # writes before the connection is made
+    cdef bint connected
+    cdef bint closing
+    cdef bint reused                       # it served an exchange before this one
+    cdef bint read_paused
+    cdef double idle_since
+    cdef void send(self, bytes data)
+    cdef void close(self)
+    cdef void pause_reading(self)
+    cdef void resume_reading(self)
+
+cdef class ConnCore:
+    cdef object transport
+    cdef object _write
+    cdef Engine engine
+    cdef EntryPoint ep
+    cdef EntryConfig cfg
+    cdef ForwardInfo fwd
+    cdef bytearray inbuf
+    cdef Py_ssize_t scan_pos
+    cdef bint in_consume
+    cdef int rq
+    cdef int rs
+    cdef readonly RequestHead head
+    cdef readonly bytes request_id
+    cdef bint id_from_client
+    cdef Route route
+    cdef UpstreamCore up
+    cdef bytes up_head
+    cdef long long req_remaining
+    cdef int req_framing
+    cdef ChunkedScanner req_chunks
+    cdef ChunkedScanner resp_chunks
+    cdef ResponseHead resp
+    cdef int resp_framing
+    cdef long long resp_remaining
+    cdef bytearray upbuf
+    cdef Py_ssize_t up_scan
+    cdef bint resp_started
+    cdef bint close_after
+    cdef bint retried
+    cdef int read_pause
+    cdef bint write_paused
+    cdef double deadline
+    cdef int timer
+    cdef readonly unsigned long long served
+
+    cdef long long req_seen               # chunked request bytes seen (max_body)
+    cdef Py_ssize_t consume(self, object src, const char *p, Py_ssize_t n)
+    cdef void hold_check(self)
+    cdef void drain_inbuf(self)
+    cdef bint on_head(self, bytes raw)
+    cdef bint dispatch_verdict(self, object verdict)
+    cdef void send_local(self, object reply)
+    cdef UpstreamCore connect(self, ServerPool pool)
+    cdef void forward(self)
+    cdef Py_ssize_t forward_body(self, object src, const char *p, Py_ssize_t n)
+    cdef void request_sent(self)
+    cdef void on_upstream_data(self, bytes data)
+    cdef void relay_body(self, object src, const char *p, Py_ssize_t n)
+    cdef void detach_up(self, bint reusable)
+    cdef void upstream_failed(self, int status, str message)
+    cdef void response_done(self)
+    cdef void finish_exchange(self, bint close)
+    cdef void reply_error(self, int status, str message, bint close)
+    cdef void abort(self)
+    cdef void set_read_pause(self, int reason, bint on)
+    cdef void tick(self, double now)

@@ -1,0 +1,988 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The relay: one client connection, its current upstream exchange, and the pools.
+
+Theory of operation
+-------------------
+A client connection is a state machine over two half-exchanges (conn.pxd: ReqState and
+RespState). Bytes from the client are consumed in place from the buffer uvloop hands us (the
+common case: a whole request per read, parsed without copying); only a partial head or bytes
+of a pipelined next request are kept, in one bytearray. The exchange is strictly sequential:
+the next pipelined request is parsed only when the current response has ended, so responses go
+back in order and the pipeline costs no extra memory beyond the bounded input buffer.
+
+Per request, the only Python-level work is the route's middleware chain (`Engine.dispatch`),
+and only for routes that have one. Parsing, routing, the upstream head, the response head and
+body framing are C calls (httphead, router, writer, body).
+
+Bodies are never buffered whole: request body bytes are written upstream as they arrive,
+response body bytes are written to the client as they arrive, and when either side's write
+buffer passes uvloop's high-water mark the other side stops reading (pause_writing ->
+pause_reading) until it drains (resume_writing). Memory per connection is therefore bounded
+by the two transports' high-water marks plus the head limits.
+
+Framing: Content-Length is counted down; chunked bodies are relayed verbatim while
+ChunkedScanner finds their end and refuses bad framing; a response without either is
+delimited by the upstream closing, and then the client connection is closed after it too.
+HEAD, 1xx, 204 and 304 responses have no body (RFC 9112 §6.3). Interim 1xx responses (100
+Continue) are forwarded, so `Expect: 100-continue` works end to end; 101 turns the connection
+into a tunnel when the client asked for that upgrade.
+
+Timers: one coarse ticker per worker walks the live connections (Engine.tick); each connection
+keeps one deadline and what it guards (TimerKind). No call_later per request.
+
+Upstream connections live in a per-server LIFO idle pool; a reused connection that dies
+before answering a body-less request is retried once on a fresh connection (the keep-alive
+race of RFC 9112 §9.3.1), nothing else is retried here.
+"""
+
+import asyncio
+import os
+import socket
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+
+from fastgate._core.httphead cimport (
+    RequestHead, ResponseHead, Limits, find_head_end, parse_request_head, parse_response_head,
+    FRAMING_NONE, FRAMING_LENGTH, FRAMING_CHUNKED, FRAMING_CLOSE, last_error_reason,
+)
+from fastgate._core.body cimport ChunkedScanner
+from fastgate._core.router cimport Router
+from fastgate._core.writer cimport (
+    ForwardInfo, build_request_head, build_response_head, build_error_reply, client_request_id,
+)
+
+cdef enum:
+    PAUSE_UPSTREAM_FULL = 1    # the upstream's write buffer is full (request body)
+    PAUSE_PIPELINE = 2         # pipelined input held while an exchange is in flight
+    PAUSE_DISPATCH = 4         # a middleware is waiting on I/O
+    MAX_RESPONSE_HEAD = 65536
+    MAX_HELD_INPUT = 262144    # pipelined bytes held before we stop reading
+    TAIL_COPY_MAX = 65536      # body bytes sent in the same write as the response head
+
+cdef object _CONTINUE = None
+cdef str _HEX = "0123456789abcdef"
+
+
+cdef class Engine:
+    """Per-worker state shared by all connections: clock, timers, pools, request ids."""
+
+    def __init__(self, loop, dispatch=None, double tick_interval=0.5):
+        self.loop = loop
+        self.dispatch = dispatch
+        self.conns = set()
+        self.upstreams = set()
+        self.pools = []
+        self.now = loop.time()
+        self.tick_interval = tick_interval
+        self.rid_prefix = os.urandom(8).hex().encode()
+        self.rid_counter = 0
+        self.ticker = loop.call_later(tick_interval, self._tick)
+
+    cdef bytes next_request_id(self):
+        cdef char buf[16]
+        cdef unsigned long long v
+        cdef int i
+        self.rid_counter += 1
+        v = self.rid_counter
+        for i in range(15, -1, -1):
+            buf[i] = b"0123456789abcdef"[v & 15]
+            v >>= 4
+        return self.rid_prefix + PyBytes_FromStringAndSize(buf, 16)
+
+    cdef void register_pool(self, ServerPool pool):
+        self.pools.append(pool)
+
+    def _tick(self):
+        cdef ConnCore c
+        cdef ServerPool p
+        self.now = self.loop.time()
+        for c in list(self.conns):
+            if c.timer != T_NONE and self.now >= c.deadline:
+                c.tick(self.now)
+        for p in self.pools:
+            p.expire(self.now)
+        self.ticker = self.loop.call_later(self.tick_interval, self._tick)
+
+    def set_tick_interval(self, double seconds):
+        self.tick_interval = max(0.02, min(seconds, 1.0))
+
+    def start_drain(self):
+        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        cdef ConnCore c
+        self.draining = True
+        for c in list(self.conns):
+            if c.rq == RQ_HEAD and c.rs == RS_NONE and PyByteArray_GET_SIZE(c.inbuf) == 0:
+                c.rq = RQ_CLOSED
+                c.transport.close()
+            else:
+                c.close_after = True
+
+    def close(self):
+        """Stop the ticker and close every idle upstream connection."""
+        cdef ServerPool p
+        if self.ticker is not None:
+            self.ticker.cancel()
+            self.ticker = None
+        for p in self.pools:
+            p.close_idle()
+
+    def stats(self):
+        return {
+            "requests": self.requests,
+            "responses": self.responses,
+            "errors": self.errors,
+            "client_connections": len(self.conns),
+            "upstream_connections": len(self.upstreams),
+        }
+
+
+cdef class EntryConfig:
+    def __init__(self, Router router, Limits limits, double head_timeout=10.0,
+                 double idle_timeout=60.0, double body_timeout=60.0, long long max_body=0,
+                 bytes proto=b"http", trusted_nets=(), bint forwarded_header=False):
+        self.router = router
+        self.limits = limits
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
+        self.max_body = max_body
+        self.proto = proto
+        self.trusted_nets = tuple(trusted_nets)
+        self.forwarded_header = forwarded_header
+
+    def is_trusted(self, str ip):
+        import ipaddress
+        if not self.trusted_nets:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_nets)
+
+
+cdef class EntryPoint:
+    def __init__(self, str name, EntryConfig cfg):
+        self.name = name
+        self.cfg = cfg
+
+
+cdef class ServerPool:
+    def __init__(self, Engine engine, str url, str host, int port, int max_idle=256,
+                 double idle_timeout=60.0, double connect_timeout=5.0,
+                 double response_timeout=60.0, double idle_body_timeout=60.0):
+        self.url = url
+        self.host = host
+        self.port = port
+        self.idle = []
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self.idle_body_timeout = idle_body_timeout
+        engine.register_pool(self)
+
+    cdef UpstreamCore acquire(self):
+        cdef UpstreamCore up
+        while self.idle:
+            up = <UpstreamCore>self.idle.pop()
+            if not up.closing:
+                self.active += 1
+                return up
+        return None
+
+    cdef void release(self, UpstreamCore up):
+        self.active -= 1
+        up.client = None
+        if self.closed or up.closing or len(self.idle) >= self.max_idle:
+            up.close()
+            return
+        if up.read_paused:
+            up.resume_reading()
+        up.reused = True
+        up.idle_since = up.engine.now
+        self.idle.append(up)
+
+    cdef void expire(self, double now):
+        cdef UpstreamCore up
+        # Oldest first: the list is LIFO, so stale connections sit at the front.
+        while self.idle:
+            up = <UpstreamCore>self.idle[0]
+            if now - up.idle_since < self.idle_timeout and not up.closing:
+                break
+            self.idle.pop(0)
+            up.close()
+
+    def close_idle(self):
+        """Close idle connections and stop pooling (the config generation is retired)."""
+        cdef UpstreamCore up
+        self.closed = True
+        for up in self.idle:
+            up.close()
+        self.idle = []
+
+    def idle_count(self):
+        return len(self.idle)
+
+    def _forget(self, UpstreamCore up):
+        try:
+            self.idle.remove(up)
+        except ValueError:
+            pass
+
+
+cdef class Service:
+    def __init__(self, str name, servers, weights=None):
+        cdef list expanded = []
+        if weights is None:
+            weights = [1] * len(servers)
+        for pool, w in zip(servers, weights):
+            expanded.extend([pool] * max(1, int(w)))
+        if not expanded:
+            raise ValueError("a service needs at least one server")
+        self.name = name
+        self.servers = tuple(expanded)
+        self.rr = 0
+
+    cdef ServerPool pick(self):
+        cdef Py_ssize_t n = len(self.servers)
+        cdef ServerPool s
+        if n == 1:
+            return <ServerPool>self.servers[0]
+        s = <ServerPool>self.servers[self.rr % n]
+        self.rr += 1
+        return s
+
+
+cdef class Route:
+    def __init__(self, str name, Service service, tuple chain=(), bytes extra_headers=None):
+        self.name = name
+        self.service = service
+        self.chain = chain
+        self.extra_headers = extra_headers
+
+
+cdef class UpstreamCore:
+    """One connection to an upstream server; forwards its events to the attached client."""
+
+    def __init__(self, Engine engine, ServerPool pool):
+        self.engine = engine
+        self.pool = pool
+        self.pending = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self._write = transport.write
+        self.connected = True
+        self.engine.upstreams.add(self)
+        if self.closing:
+            transport.close()
+            return
+        for data in self.pending:
+            self._write(data)
+        self.pending = None
+        if self.read_paused:
+            transport.pause_reading()
+        if self.client is not None:
+            self.client.upstream_connected()
+
+    def data_received(self, bytes data):
+        if self.client is not None:
+            self.client.on_upstream_data(data)
+        else:
+            # An idle upstream must not talk: whatever it says is not ours to relay.
+            self.close()
+
+    def eof_received(self):
+        return False
+
+    def __call__(self):
+        # The protocol factory given to loop.create_connection is the instance itself.
+        return self
+
+    def _connect_done(self, fut):
+        cdef ConnCore c
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if exc is None:
+            return
+        self.closing = True
+        self.pool.connect_errors += 1
+        c = self.client
+        if c is not None and c.up is self:
+            c.upstream_failed(502, "upstream connect failed")
+
+    def connection_lost(self, exc):
+        self.closing = True
+        self.engine.upstreams.discard(self)
+        if self.client is not None:
+            self.client.on_upstream_lost(self)
+        else:
+            self.pool._forget(self)
+        self.transport = None
+        self._write = None
+
+    def pause_writing(self):
+        if self.client is not None:
+            self.client.set_read_pause(PAUSE_UPSTREAM_FULL, True)
+
+    def resume_writing(self):
+        if self.client is not None:
+            self.client.set_read_pause(PAUSE_UPSTREAM_FULL, False)
+
+    cdef void send(self, bytes data):
+        if self.connected:
+            if not self.closing:
+                self._write(data)
+        else:
+            self.pending.append(data)
+
+    cdef void close(self):
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    cdef void pause_reading(self):
+        if not self.read_paused:
+            self.read_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    cdef void resume_reading(self):
+        if self.read_paused:
+            self.read_paused = False
+            if self.transport is not None and not self.closing:
+                self.transport.resume_reading()
+
+
+
+
+cdef class ConnCore:
+    """The client side of the relay; the asyncio protocol methods are implemented here in C."""
+
+    def __init__(self, Engine engine, EntryPoint ep):
+        self.engine = engine
+        self.ep = ep
+        self.inbuf = bytearray()
+        self.rq = RQ_HEAD
+        self.rs = RS_NONE
+
+    # ---- asyncio protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        cdef EntryConfig cfg = self.ep.cfg
+        self.transport = transport
+        self._write = transport.write
+        self.cfg = cfg
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if peer else "unknown"
+        self.fwd = ForwardInfo(ip.encode(), cfg.proto, cfg.is_trusted(ip), cfg.forwarded_header)
+        self.engine.conns.add(self)
+        self.timer = T_HEAD
+        self.deadline = self.engine.now + cfg.head_timeout
+        if self.engine.draining:
+            self.close_after = True
+
+    def data_received(self, bytes data):
+        cdef Py_ssize_t n, used
+        if self.rq == RQ_TUNNEL:
+            if self.up is not None:
+                self.up.send(data)
+            return
+        if self.rq == RQ_CLOSED:
+            return
+        if PyByteArray_GET_SIZE(self.inbuf) == 0:
+            n = PyBytes_GET_SIZE(data)
+            self.in_consume = True
+            used = self.consume(data, PyBytes_AS_STRING(data), n)
+            self.in_consume = False
+            if used < n and self.rq != RQ_CLOSED:
+                self.inbuf += data[used:]
+                self.hold_check()
+        else:
+            self.inbuf += data
+            self.drain_inbuf()
+
+    def eof_received(self):
+        # A half-closed client may still read its response (RFC 9112 §9.6): keep the
+        # transport open while an exchange is in flight, close once it is done.
+        if self.rq == RQ_TUNNEL:
+            # Pass the half-close through the tunnel; it ends when the upstream closes (its
+            # connection_lost closes us). Without this both sides would wait forever.
+            if self.up is not None and self.up.transport is not None and not self.up.closing:
+                self.up.transport.write_eof()
+                return True
+            return False
+        if self.rq == RQ_BODY:
+            self.abort()          # the body can never complete
+            return False
+        if self.rs != RS_NONE or self.rq == RQ_DISPATCH:
+            self.close_after = True
+            return True
+        return False
+
+    def connection_lost(self, exc):
+        self.rq = RQ_CLOSED
+        self.timer = T_NONE
+        self.engine.conns.discard(self)
+        self.detach_up(False)
+        self.transport = None
+        self._write = None
+
+    def pause_writing(self):
+        self.write_paused = True
+        if self.up is not None:
+            self.up.pause_reading()
+        if self.timer != T_SEND:
+            self.timer = T_SEND
+            self.deadline = self.engine.now + self.cfg.idle_timeout
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.up is not None:
+            self.up.resume_reading()
+        if self.timer == T_SEND:
+            if self.up is not None:
+                self.timer = T_UPSTREAM
+                self.deadline = self.engine.now + self.up.pool.idle_body_timeout
+            else:
+                self.timer = T_IDLE
+                self.deadline = self.engine.now + self.cfg.idle_timeout
+
+    # ---- client input ----------------------------------------------------------------------
+
+    cdef void hold_check(self):
+        if PyByteArray_GET_SIZE(self.inbuf) > MAX_HELD_INPUT and self.rq != RQ_HEAD:
+            self.set_read_pause(PAUSE_PIPELINE, True)
+
+    cdef void drain_inbuf(self):
+        cdef Py_ssize_t used
+        if self.in_consume or self.rq == RQ_CLOSED:
+            return
+        self.in_consume = True
+        used = self.consume(self.inbuf, PyByteArray_AS_STRING(self.inbuf),
+                            PyByteArray_GET_SIZE(self.inbuf))
+        self.in_consume = False
+        if self.rq == RQ_CLOSED:
+            return
+        if used:
+            del self.inbuf[:used]
+        self.hold_check()
+
+    cdef Py_ssize_t consume(self, object src, const char *p, Py_ssize_t n):
+        """Consume client bytes p[0:n] (owned by src); returns how many were used."""
+        cdef Py_ssize_t pos = 0, end, k
+        cdef bytes raw
+        while pos < n:
+            if self.rq == RQ_HEAD:
+                # RFC 9112 §2.2: ignore empty lines before a request line.
+                while self.scan_pos == 0 and pos + 1 < n and p[pos] == 13 and p[pos + 1] == 10:
+                    pos += 2
+                if pos >= n:
+                    break
+                end = find_head_end(p + pos, n - pos, self.scan_pos)
+                if end == 0:
+                    if n - pos > self.cfg.limits.max_head_bytes:
+                        self.reply_error(431, "request head too large", True)
+                        return n
+                    self.scan_pos = n - pos
+                    if self.timer == T_IDLE:
+                        self.timer = T_HEAD
+                        self.deadline = self.engine.now + self.cfg.head_timeout
+                    break
+                if end < 0:
+                    self.reply_error(400, "malformed request head", True)
+                    return n
+                if pos == 0 and end == n and type(src) is bytes:
+                    raw = <bytes>src
+                else:
+                    raw = PyBytes_FromStringAndSize(p + pos, end)
+                pos += end
+                self.scan_pos = 0
+                if not self.on_head(raw):
+                    return n
+            elif self.rq == RQ_BODY:
+                k = self.forward_body(src, p + pos, n - pos)
+                if k < 0:
+                    return n
+                pos += k
+            else:
+                # RQ_DISPATCH / RQ_SENT: hold the pipelined bytes until the response is done.
+                break
+        return pos
+
+    cdef bint on_head(self, bytes raw):
+        """A complete request head: parse, route, hand off. False when the connection is
+        finished with (an error reply went out and the connection closes)."""
+        cdef RequestHead h = RequestHead.__new__(RequestHead)
+        cdef EntryConfig cfg = self.ep.cfg
+        cdef int rc
+        cdef object route
+        cdef bytes host, rid
+        self.cfg = cfg
+        self.engine.requests += 1
+        rc = parse_request_head(h, raw, cfg.limits)
+        if rc != 0:
+            self.reply_error(-rc, (<bytes>last_error_reason).decode("latin-1"), True)
+            return False
+        self.head = h
+        rid = client_request_id(h)
+        if rid is None:
+            self.request_id = self.engine.next_request_id()
+            self.id_from_client = False
+        else:
+            self.request_id = rid
+            self.id_from_client = True
+        host = h.host
+        if host is None:
+            route = cfg.router.match_c(NULL, 0, PyBytes_AS_STRING(h.path),
+                                       PyBytes_GET_SIZE(h.path), h.method)
+        else:
+            route = cfg.router.match_c(PyBytes_AS_STRING(host), PyBytes_GET_SIZE(host),
+                                       PyBytes_AS_STRING(h.path), PyBytes_GET_SIZE(h.path),
+                                       h.method)
+        if route is None:
+            self.reply_error(404, "no route", h.framing != FRAMING_NONE)
+            return self.rq != RQ_CLOSED
+        if cfg.max_body and h.framing == FRAMING_LENGTH and h.content_length > cfg.max_body:
+            self.reply_error(413, "request body too large", True)
+            return False
+        self.route = <Route>route
+        h.route = route
+        self.rq = RQ_DISPATCH
+        self.rs = RS_HEAD
+        self.resp_started = False
+        self.retried = False
+        self.req_seen = 0
+        if self.route.chain:
+            verdict = self.engine.dispatch(self, h)
+            if verdict is not None:
+                return self.dispatch_verdict(verdict)
+        self.forward()
+        return self.rq != RQ_CLOSED
+
+    cdef bint dispatch_verdict(self, object verdict):
+        # An awaitable: stop reading until it resolves. Anything else is a LocalReply.
+        if hasattr(verdict, "__await__"):
+            self.set_read_pause(PAUSE_DISPATCH, True)
+            fut = asyncio.ensure_future(verdict)
+            fut.add_done_callback(self._dispatch_done)
+            return True
+        self.send_local(verdict)
+        return self.rq != RQ_CLOSED
+
+    def _dispatch_done(self, fut):
+        if self.rq == RQ_CLOSED:
+            return
+        self.set_read_pause(PAUSE_DISPATCH, False)
+        try:
+            verdict = fut.result()
+        except Exception:
+            self.reply_error(500, "middleware error", True)
+            return
+        if verdict is not None:
+            self.send_local(verdict)
+        else:
+            self.forward()
+            self.drain_inbuf()
+
+    cdef void send_local(self, object reply):
+        """Answer with a middleware's LocalReply: `reply.encode(request_id, close)` bytes."""
+        cdef bint close = (self.head.framing != FRAMING_NONE or not self.head.keep_alive
+                           or self.close_after)
+        self.rs = RS_NONE
+        self.engine.responses += 1
+        self._write(reply.encode(self.request_id, close))
+        self.finish_exchange(close)
+
+    cdef UpstreamCore connect(self, ServerPool pool):
+        """A new upstream connection; client reading pauses until it is made."""
+        cdef UpstreamCore up = UpstreamProtocol(self.engine, pool)
+        pool.active += 1
+        pool.connects += 1
+        fut = asyncio.ensure_future(self.engine.loop.create_connection(up, pool.host, pool.port))
+        fut.add_done_callback(up._connect_done)
+        self.set_read_pause(PAUSE_UPSTREAM_FULL, True)
+        self.timer = T_UPSTREAM
+        self.deadline = self.engine.now + pool.connect_timeout
+        return up
+
+    def upstream_connected(self):
+        self.set_read_pause(PAUSE_UPSTREAM_FULL, False)
+        if self.rq == RQ_BODY:
+            self.timer = T_BODY
+            self.deadline = self.engine.now + self.cfg.body_timeout
+        elif self.up is not None:
+            self.timer = T_UPSTREAM
+            self.deadline = self.engine.now + self.up.pool.response_timeout
+
+    cdef void forward(self):
+        """Pick a server, get a connection, send the head, and start the body."""
+        cdef RequestHead h = self.head
+        cdef ServerPool pool = self.route.service.pick()
+        cdef UpstreamCore up = pool.acquire()
+        if up is None:
+            up = self.connect(pool)
+        up.client = self
+        self.up = up
+        self.up_head = build_request_head(h, self.fwd, self.request_id, self.id_from_client,
+                                          self.route.extra_headers)
+        up.send(self.up_head)
+        self.req_framing = h.framing
+        if h.framing == FRAMING_LENGTH and h.content_length > 0:
+            self.rq = RQ_BODY
+            self.req_remaining = h.content_length
+        elif h.framing == FRAMING_CHUNKED:
+            self.rq = RQ_BODY
+            if self.req_chunks is None:
+                self.req_chunks = ChunkedScanner()
+            else:
+                self.req_chunks.reset()
+        else:
+            self.request_sent()
+            return
+        if up.connected:
+            self.timer = T_BODY
+            self.deadline = self.engine.now + self.cfg.body_timeout
+
+    cdef Py_ssize_t forward_body(self, object src, const char *p, Py_ssize_t n):
+        """Send request body bytes upstream; returns bytes used, -1 when the request failed."""
+        cdef Py_ssize_t k
+        cdef bint done
+        if self.req_framing == FRAMING_LENGTH:
+            k = n if n <= self.req_remaining else <Py_ssize_t>self.req_remaining
+            self.req_remaining -= k
+            done = self.req_remaining == 0
+        else:
+            k = self.req_chunks.scan(p, n)
+            if k < 0:
+                self.upstream_failed(400, "bad chunked framing")
+                return -1
+            done = self.req_chunks.done
+            self.req_seen += k
+            if self.cfg.max_body and self.req_seen > self.cfg.max_body:
+                # Counted on the wire (chunk framing included): a bound, not an exact size.
+                self.upstream_failed(413, "request body too large")
+                return -1
+        if k == n and type(src) is bytes and p == PyBytes_AS_STRING(src):
+            self.up.send(<bytes>src)
+        elif k:
+            self.up.send(PyBytes_FromStringAndSize(p, k))
+        if done:
+            self.request_sent()
+        elif self.timer == T_BODY:
+            self.deadline = self.engine.now + self.cfg.body_timeout
+        return k
+
+    cdef void request_sent(self):
+        self.rq = RQ_SENT
+        if self.rs == RS_NONE:
+            # The response already ended (the upstream answered before the body finished).
+            self.finish_exchange(True)
+            return
+        if self.up is not None and self.up.connected and self.rs == RS_HEAD:
+            self.timer = T_UPSTREAM
+            self.deadline = self.engine.now + self.up.pool.response_timeout
+
+    # ---- upstream events -------------------------------------------------------------------
+
+    cdef void on_upstream_data(self, bytes data):
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t pos = 0, end, tail
+        cdef ResponseHead rh = None
+        cdef int rc
+        cdef bint close, upgrade, done
+        cdef bytes out, raw
+
+        if self.rs == RS_BODY:
+            self.relay_body(data, p, n)
+            return
+        if self.rs == RS_TUNNEL:
+            self._write(data)
+            return
+        if self.rs != RS_HEAD:
+            return
+        if self.upbuf is not None and PyByteArray_GET_SIZE(self.upbuf) > 0:
+            self.upbuf += data
+            data = bytes(self.upbuf)
+            del self.upbuf[:]
+            p = PyBytes_AS_STRING(data)
+            n = PyBytes_GET_SIZE(data)
+        while True:
+            end = find_head_end(p + pos, n - pos, self.up_scan)
+            if end == 0:
+                if n - pos > MAX_RESPONSE_HEAD:
+                    self.upstream_failed(502, "upstream response head too large")
+                    return
+                self.up_scan = n - pos
+                if self.upbuf is None:
+                    self.upbuf = bytearray()
+                self.upbuf += data[pos:]
+                return
+            if end < 0:
+                self.upstream_failed(502, "malformed upstream response")
+                return
+            self.up_scan = 0
+            if pos == 0 and end == n:
+                raw = data
+            else:
+                raw = PyBytes_FromStringAndSize(p + pos, end)
+            pos += end
+            rh = ResponseHead.__new__(ResponseHead)
+            rc = parse_response_head(rh, raw, self.head.method == b"HEAD")
+            if rc != 0:
+                self.upstream_failed(502, "malformed upstream response")
+                return
+            if rh.status >= 200 or rh.status == 101:
+                break
+            # Interim response (100 Continue, 103 Early Hints): forwarded as is.
+            self._write(raw)
+            if pos == n:
+                return
+
+        upgrade = rh.status == 101
+        if upgrade and self.head.upgrade is None:
+            self.upstream_failed(502, "unexpected 101 from upstream")
+            return
+        close = (not self.head.keep_alive or self.close_after or rh.framing == FRAMING_CLOSE
+                 or self.rq != RQ_SENT or self.engine.draining)
+        if close:
+            self.close_after = True
+        self.resp = rh
+        self.resp_started = True
+        self.resp_framing = rh.framing
+        if upgrade:
+            self._write(build_response_head(rh, False, False, True, NULL, 0))
+            self.rq = RQ_TUNNEL
+            self.rs = RS_TUNNEL
+            self.timer = T_NONE
+            if pos < n:
+                self._write(PyBytes_FromStringAndSize(p + pos, n - pos))
+            if PyByteArray_GET_SIZE(self.inbuf):
+                self.up.send(bytes(self.inbuf))
+                del self.inbuf[:]
+            self.set_read_pause(PAUSE_PIPELINE, False)
+            return
+
+        # The start of the body that came with the head leaves in the same write.
+        tail = 0
+        done = False
+        if rh.framing == FRAMING_LENGTH:
+            tail = n - pos if n - pos <= rh.content_length else <Py_ssize_t>rh.content_length
+            self.resp_remaining = rh.content_length - tail
+            done = self.resp_remaining == 0
+        elif rh.framing == FRAMING_CHUNKED:
+            if self.resp_chunks is None:
+                self.resp_chunks = ChunkedScanner()
+            else:
+                self.resp_chunks.reset()
+            tail = self.resp_chunks.scan(p + pos, n - pos)
+            if tail < 0:
+                self.upstream_failed(502, "bad chunked framing from upstream")
+                return
+            done = self.resp_chunks.done
+        elif rh.framing == FRAMING_CLOSE:
+            tail = n - pos
+        else:
+            done = True
+        if tail <= TAIL_COPY_MAX:
+            out = build_response_head(rh, close, self.head.version == 10 and not close, False,
+                                      p + pos, tail)
+            self._write(out)
+        else:
+            self._write(build_response_head(rh, close, False, False, NULL, 0))
+            self._write(PyBytes_FromStringAndSize(p + pos, tail))
+        pos += tail
+        if done:
+            if pos < n:
+                self.up.closing = True      # bytes beyond the framing: not reusable
+            self.response_done()
+            return
+        self.rs = RS_BODY
+        self.timer = T_UPSTREAM
+        self.deadline = self.engine.now + self.up.pool.idle_body_timeout
+
+    cdef void relay_body(self, object src, const char *p, Py_ssize_t n):
+        """Write response body bytes to the client; finish the exchange at its end."""
+        cdef Py_ssize_t k
+        cdef bint done = False
+        if self.resp_framing == FRAMING_LENGTH:
+            k = n if n <= self.resp_remaining else <Py_ssize_t>self.resp_remaining
+            self.resp_remaining -= k
+            done = self.resp_remaining == 0
+        elif self.resp_framing == FRAMING_CHUNKED:
+            k = self.resp_chunks.scan(p, n)
+            if k < 0:
+                self.upstream_failed(502, "bad chunked framing from upstream")
+                return
+            done = self.resp_chunks.done
+        else:
+            k = n
+        if k == n:
+            self._write(src)
+        elif k:
+            self._write(PyBytes_FromStringAndSize(p, k))
+        if done:
+            if k < n:
+                self.up.closing = True      # bytes beyond the framing: not reusable
+            self.response_done()
+        elif self.timer == T_UPSTREAM:
+            self.deadline = self.engine.now + self.up.pool.idle_body_timeout
+
+    def on_upstream_lost(self, UpstreamCore up):
+        if up is not self.up:
+            return
+        if self.rs == RS_TUNNEL:
+            self.detach_up(False)
+            self.rq = RQ_CLOSED
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.rs == RS_BODY and self.resp_framing == FRAMING_CLOSE:
+            self.response_done()
+            return
+        if (self.rs == RS_HEAD and up.reused and not self.retried and self.rq == RQ_SENT
+                and self.req_framing == FRAMING_NONE
+                and (self.upbuf is None or PyByteArray_GET_SIZE(self.upbuf) == 0)):
+            # Keep-alive race (RFC 9112 §9.3.1): the server closed an idle connection as we
+            # reused it. A body-less request is safe to send again, once, on a new connection.
+            self.retried = True
+            self.detach_up(False)
+            up = self.connect(self.route.service.pick())
+            up.client = self
+            self.up = up
+            up.send(self.up_head)
+            return
+        self.upstream_failed(502, "upstream closed the connection")
+
+    cdef void detach_up(self, bint reusable):
+        """Give the upstream connection back to its pool, or close it."""
+        cdef UpstreamCore up = self.up
+        if up is None:
+            return
+        self.up = None
+        if reusable and not up.closing:
+            up.pool.release(up)
+        else:
+            up.client = None
+            up.pool.active -= 1
+            up.close()
+        self.set_read_pause(PAUSE_UPSTREAM_FULL, False)
+
+    cdef void upstream_failed(self, int status, str message):
+        """The upstream cannot complete this exchange: answer if nothing was sent yet."""
+        self.detach_up(False)
+        if self.upbuf is not None:
+            del self.upbuf[:]
+        self.up_scan = 0
+        if self.resp_started or self.rq == RQ_CLOSED:
+            self.abort()
+            return
+        self.reply_error(status, message, self.rq != RQ_SENT)
+
+    cdef void response_done(self):
+        # The upstream connection goes back to the pool only when its response was delimited
+        # and did not announce a close (`Connection: close`, or HTTP/1.0 without keep-alive):
+        # a server that said so closes next, and a request sent on it would be lost.
+        cdef bint reusable = (self.resp_framing != FRAMING_CLOSE and self.rq == RQ_SENT
+                              and self.resp is not None and self.resp.keep_alive)
+        self.resp = None
+        self.engine.responses += 1
+        self.served += 1
+        self.rs = RS_NONE
+        self.detach_up(reusable)
+        # While the request body is still arriving we cannot find the next request's start.
+        self.finish_exchange(self.close_after or self.rq != RQ_SENT)
+
+    cdef void finish_exchange(self, bint close):
+        """The response is out: close, or go back to reading the next request."""
+        self.head = None
+        self.route = None
+        self.up_head = None
+        self.request_id = None
+        if close:
+            self.rq = RQ_CLOSED
+            self.timer = T_NONE
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.rq = RQ_HEAD
+        self.timer = T_IDLE
+        self.deadline = self.engine.now + self.cfg.idle_timeout
+        self.set_read_pause(PAUSE_PIPELINE, False)
+        if PyByteArray_GET_SIZE(self.inbuf) and not self.in_consume:
+            self.drain_inbuf()
+
+    # ---- errors and timers -----------------------------------------------------------------
+
+    cdef void reply_error(self, int status, str message, bint close):
+        cdef bint head_only = self.head is not None and self.head.method == b"HEAD"
+        close = close or self.close_after or self.rq == RQ_BODY
+        if self.request_id is None:
+            self.request_id = self.engine.next_request_id()
+        self.engine.errors += 1
+        self.engine.responses += 1
+        self.detach_up(False)
+        self.rs = RS_NONE
+        if self._write is not None:
+            self._write(build_error_reply(status, message, self.request_id, close, head_only))
+        self.finish_exchange(close)
+
+    cdef void abort(self):
+        """Close both sides now (the response cannot be completed)."""
+        self.detach_up(False)
+        self.rq = RQ_CLOSED
+        self.rs = RS_NONE
+        self.timer = T_NONE
+        if self.transport is not None:
+            self.transport.abort()
+
+    cdef void set_read_pause(self, int reason, bint on):
+        cdef int before = self.read_pause
+        if on:
+            self.read_pause |= reason
+        else:
+            self.read_pause &= ~reason
+        if self.transport is None or self.rq == RQ_CLOSED:
+            return
+        if before == 0 and self.read_pause != 0:
+            self.transport.pause_reading()
+        elif before != 0 and self.read_pause == 0:
+            self.transport.resume_reading()
+
+    cdef void tick(self, double now):
+        cdef int kind = self.timer
+        self.timer = T_NONE
+        if kind == T_HEAD:
+            if PyByteArray_GET_SIZE(self.inbuf) or self.scan_pos:
+                self.reply_error(408, "request head timeout", True)
+            else:
+                self.rq = RQ_CLOSED
+                self.transport.close()
+        elif kind == T_IDLE:
+            self.rq = RQ_CLOSED
+            self.transport.close()
+        elif kind == T_BODY:
+            self.upstream_failed(408, "request body timeout")
+        elif kind == T_UPSTREAM:
+            self.upstream_failed(504, "upstream timeout")
+        elif kind == T_SEND:
+            self.abort()
+
+    @property
+    def state(self):
+        """(request state, response state): for tests and the admin listener."""
+        return (self.rq, self.rs)
+
+
+class UpstreamProtocol(UpstreamCore, asyncio.Protocol):
+    """The asyncio face of UpstreamCore."""
+
+    __slots__ = ()
+
+
+class DownstreamProtocol(ConnCore, asyncio.Protocol):
+    """The asyncio face of ConnCore: the class given to loop.create_server."""
+
+    __slots__ = ()

@@ -1,0 +1,185 @@
+"""Config -> Runtime: the immutable objects one worker serves a config generation with.
+
+Compiled once per worker per generation; a reload compiles a new Runtime and swaps each
+entrypoint's `cfg`, so a request always sees one whole generation. Failing here leaves the
+running generation untouched.
+
+Some problems can only be found here, not by the schema: an https upstream (not supported
+yet), a middleware type nobody registered or options its class refuses, a route path the
+router refuses. They are reported like schema errors, as one ConfigError listing every
+`(key path, reason)`. The supervisor runs `check_runtime` on every new config before any
+worker sees it, so a config that would not compile is refused as a whole, never half-applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from fastgate._core.conn import Engine, EntryConfig, Route, ServerPool, Service
+from fastgate._core.httphead import Limits
+from fastgate._core.router import Router, RouteSpec
+from fastgate.config.schema import Config
+from fastgate.errors import ConfigError
+from fastgate.middleware import registry
+
+__all__ = ["Runtime", "check_runtime", "compile_runtime"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One config generation as a worker serves it."""
+
+    config: Config
+    entries: dict[str, EntryConfig]
+    services: dict[str, Service]
+    pools: tuple[ServerPool, ...]
+
+    def retire(self) -> None:
+        """Stop pooling this generation's upstream connections (busy ones finish first)."""
+        for pool in self.pools:
+            pool.close_idle()
+
+
+def _route_field(message: str) -> str:
+    """The `match` key a RouteSpec complaint is about (its message starts with the field)."""
+    for word, key in (("path", "path"), ("host", "hosts"), ("method", "methods")):
+        if message.startswith(word):
+            return f".{key}"
+    return ""
+
+
+def _build_services(
+    config: Config, engine: Engine, errors: list[tuple[str, str]]
+) -> tuple[dict[str, Service], list[ServerPool]]:
+    pools: list[ServerPool] = []
+    services: dict[str, Service] = {}
+    for name, svc in config.services.items():
+        timeouts = config.effective_timeouts(name)
+        pool_cfg = config.effective_pool(name)
+        members = []
+        for i, server in enumerate(svc.servers):
+            if server.tls:
+                errors.append(
+                    (
+                        f"services.{name}.servers[{i}].url",
+                        "https upstreams are not supported yet (TLS to upstreams is planned)",
+                    )
+                )
+                continue
+            members.append(
+                ServerPool(
+                    engine,
+                    server.url,
+                    server.host,
+                    server.port,
+                    max_idle=pool_cfg.max_idle,
+                    idle_timeout=pool_cfg.idle_timeout,
+                    connect_timeout=timeouts.upstream_connect,
+                    response_timeout=timeouts.upstream_response,
+                    idle_body_timeout=timeouts.upstream_idle,
+                )
+            )
+        pools.extend(members)
+        if len(members) == len(svc.servers):
+            services[name] = Service(name, members, [s.weight for s in svc.servers])
+    return services, pools
+
+
+def _build_middlewares(config: Config, errors: list[tuple[str, str]]) -> dict[str, Any]:
+    """Every named middleware, built once (unused ones too, so their options are checked)."""
+    built: dict[str, Any] = {}
+    for name, mw in config.middlewares.items():
+        at = f"middlewares.{name}"
+        try:
+            built[name] = registry.build(name, mw.type, dict(mw.options))
+        except ConfigError as exc:
+            # A middleware may name its key relative to itself (`rate`) or in full.
+            errors.extend(
+                (p if p.startswith(at) else f"{at}.{p}" if p else at, r) for p, r in exc.errors
+            )
+        except (ValueError, TypeError) as exc:
+            errors.append((at, str(exc)))
+    return built
+
+
+def compile_runtime(config: Config, engine: Engine) -> Runtime:
+    """Build routers, services, pools and middleware chains for every entrypoint.
+
+    Raises ConfigError listing every problem; nothing is left registered that matters then
+    (the pools built so far are closed).
+    """
+    errors: list[tuple[str, str]] = []
+    services, pools = _build_services(config, engine, errors)
+    chains = _build_middlewares(config, errors)
+
+    limits = Limits(
+        max_head_bytes=config.limits.max_head_bytes,
+        max_headers=config.limits.max_headers,
+        max_target=config.limits.max_target,
+    )
+    entries: dict[str, EntryConfig] = {}
+    for ep_name, ep in config.entrypoints.items():
+        specs = []
+        for i, route in enumerate(config.routes):
+            if route.entrypoints and ep_name not in route.entrypoints:
+                continue
+            service = services.get(route.service)
+            chain = tuple(chains.get(m) for m in route.middlewares)
+            if service is None or None in chain:
+                continue  # already reported under services / middlewares
+            try:
+                specs.append(
+                    RouteSpec(
+                        target=Route(route.name, service, chain),
+                        path=route.match.path,
+                        path_type=route.match.path_type,
+                        hosts=tuple(route.match.hosts),
+                        methods=tuple(route.match.methods),
+                        priority=route.priority,
+                    )
+                )
+            except ValueError as exc:
+                problem = (f"routes[{i}].match{_route_field(str(exc))}", str(exc))
+                if problem not in errors:  # a route on several entrypoints fails once
+                    errors.append(problem)
+        try:
+            router = Router(specs)
+        except (ValueError, TypeError) as exc:
+            errors.append((f"entrypoints.{ep_name}", f"cannot build the route table: {exc}"))
+            continue
+        entries[ep_name] = EntryConfig(
+            router,
+            limits,
+            head_timeout=config.timeouts.head,
+            idle_timeout=config.timeouts.idle,
+            body_timeout=config.timeouts.body,
+            max_body=config.limits.max_body_bytes,
+            proto=b"http",
+            trusted_nets=ep.forwarded.networks(),
+            forwarded_header=ep.forwarded.forwarded_header,
+        )
+    runtime = Runtime(config, entries, services, tuple(pools))
+    if errors:
+        runtime.retire()
+        raise ConfigError.from_errors(errors)
+    return runtime
+
+
+def check_runtime(config: Config) -> None:
+    """Compile `config` once and throw the result away: the checks every worker would make,
+    made in the supervisor before a worker sees the config. Raises ConfigError.
+
+    The engine runs on a private, never-started event loop, so nothing is scheduled on the
+    caller's loop and no connection is opened.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        engine = Engine(loop, None, tick_interval=1.0)
+        try:
+            compile_runtime(config, engine).retire()
+        finally:
+            engine.close()
+    finally:
+        loop.close()

@@ -1,0 +1,707 @@
+"""The typed configuration schema: one set of models for YAML and TOML, with defaults and docs.
+
+Validation happens in two layers, and `parse_config` runs both and reports every problem at
+once, each as `(key path, reason)` with paths like `routes[0].match.path_type`:
+
+1. Shape (pydantic): types, ranges, enums, unknown keys, and the values that can be judged on
+   their own (addresses, server URLs, IPs/CIDRs, host patterns, methods, names).
+2. Cross-checks (`cross_check`): what needs the whole document: route references to services,
+   entrypoints and middlewares; unique route names; regex paths compile; at least one
+   entrypoint; no two listeners on one address. They run over the raw mapping and skip any
+   part whose shape is wrong, so a typo in one route does not hide a dangling reference in
+   another.
+
+Every model is frozen and forbids unknown keys, and sequences are tuples: a `Config` is an
+immutable value that a reload replaces whole. `Config.model_validate` on its own also runs the
+cross-checks (as one error); `parse_config` is the entry point that reports them one by one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from fastgate.errors import ConfigError
+
+__all__ = [
+    "Admin",
+    "Config",
+    "DemoOrigin",
+    "Entrypoint",
+    "Forwarded",
+    "Limits",
+    "Match",
+    "Middleware",
+    "Pool",
+    "PoolOverride",
+    "Route",
+    "Server",
+    "Service",
+    "Timeouts",
+    "UpstreamTimeouts",
+    "cross_check",
+    "format_path",
+    "parse_address",
+    "parse_config",
+]
+
+# --- value checks ---------------------------------------------------------------------------
+
+# RFC 1123 host names, with `_` tolerated because container and compose service names use it.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+# RFC 9110 §5.6.2 token: what a method may be made of.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"invalid name {name!r}: use letters, digits, '_', '-' and '.'")
+    return name
+
+
+def _check_type(name: str) -> str:
+    if not _TYPE.match(name):
+        raise ValueError(f"invalid type {name!r}: a lowercase module name like rate_limit")
+    return name
+
+
+def _check_host(host: str) -> str:
+    """A host name or an IP literal (IPv6 without brackets here); returns it unchanged."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"invalid host {host!r}")
+    return host
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split a listen address `host:port` or `[ipv6]:port` into (host, port).
+
+    The host is required (use 0.0.0.0 or [::] for every interface) and the port must be
+    1-65535. IPv6 hosts come back without brackets. Raises ValueError with the reason.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"missing ']' in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+        if not rest.startswith(":"):
+            raise ValueError(f"expected [ipv6]:port, got {text!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"expected host:port, got {text!r}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets, e.g. [{host}]:{port_text}")
+        if not host:
+            raise ValueError(f"missing host in {text!r} (use 0.0.0.0 for every interface)")
+        _check_host(host)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _check_address(text: str) -> str:
+    parse_address(text)
+    return text
+
+
+def _check_network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            fixed = ipaddress.ip_network(text, strict=False)
+            raise ValueError(f"{text!r} has host bits set; did you mean {fixed}?") from None
+        raise ValueError(f"{text!r} is not an IP address or CIDR network") from None
+    return text
+
+
+def _check_route_host(text: str) -> str:
+    host = text.lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"invalid IPv6 host {text!r}") from None
+        return host
+    if ":" in host:
+        raise ValueError(f"a route host has no port ({text!r}); ports belong to entrypoints")
+    base = host[2:] if host.startswith("*.") else host
+    if "*" in base or not _HOSTNAME.match(base):
+        raise ValueError(f"invalid host {text!r} (expected example.com or *.example.com)")
+    return host
+
+
+def _check_method(text: str) -> str:
+    if not _TOKEN.match(text):
+        raise ValueError(f"invalid method {text!r}")
+    return text.upper()
+
+
+def _check_server_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"scheme must be http:// (or https://), got {url!r}")
+    if "@" in parts.netloc:
+        raise ValueError("credentials in a server URL are not supported")
+    if not parts.hostname:
+        raise ValueError(f"missing host in {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or url.endswith("?"):
+        raise ValueError(f"a server URL is scheme://host:port only, no path or query: {url!r}")
+    if port == 0:
+        raise ValueError("port must be 1-65535, got '0'")
+    _check_host(parts.hostname)
+    return url
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+Address = Annotated[str, AfterValidator(_check_address)]
+Network = Annotated[str, AfterValidator(_check_network)]
+RouteHost = Annotated[str, AfterValidator(_check_route_host)]
+Method = Annotated[str, AfterValidator(_check_method)]
+ServerUrl = Annotated[str, AfterValidator(_check_server_url)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_defaults(cls, data: Any) -> Any:
+        # In YAML `limits:` with nothing under it is null; read it as "all defaults".
+        return {} if data is None else data
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+class Limits(_Model):
+    """Per-connection bounds on what a client may send; beyond them the request is refused."""
+
+    max_head_bytes: int = Field(16384, ge=256, le=1 << 20, description="request head; 431")
+    max_headers: int = Field(100, ge=1, le=512, description="header fields per request; 431")
+    max_target: int = Field(8192, ge=16, le=1 << 20, description="request-target bytes; 414")
+    max_body_bytes: int = Field(0, ge=0, description="request body bytes; 413; 0 = unlimited")
+    max_pipelined: int = Field(
+        100, ge=1, le=100_000, description="requests queued on one connection"
+    )
+
+
+class Timeouts(_Model):
+    """Seconds. The first three guard the client side, the `upstream_*` ones the services."""
+
+    head: Seconds = Field(10.0, description="reading a request head; 408 after it")
+    idle: Seconds = Field(60.0, description="idle keep-alive client connection")
+    body: Seconds = Field(60.0, description="gap between request body reads")
+    upstream_connect: Seconds = Field(5.0, description="connecting to a server; 502")
+    upstream_response: Seconds = Field(
+        60.0, description="response head after the request was sent; 504"
+    )
+    upstream_idle: Seconds = Field(60.0, description="gap between response body reads")
+
+
+class UpstreamTimeouts(_Model):
+    """A service's override of the global `upstream_*` timeouts; unset keys inherit."""
+
+    upstream_connect: Seconds | None = None
+    upstream_response: Seconds | None = None
+    upstream_idle: Seconds | None = None
+
+
+class Pool(_Model):
+    """Idle keep-alive connections kept to each server."""
+
+    max_idle: int = Field(256, ge=0, description="idle connections per server; 0 = no reuse")
+    idle_timeout: Seconds = Field(60.0, description="an idle pooled connection is closed after")
+
+
+class PoolOverride(_Model):
+    """A service's override of `pool`; unset keys inherit."""
+
+    max_idle: int | None = Field(None, ge=0)
+    idle_timeout: Seconds | None = None
+
+
+class Forwarded(_Model):
+    """Which peers' X-Forwarded-* headers are believed, and whether to add RFC 7239 Forwarded."""
+
+    trusted_ips: tuple[Network, ...] = Field((), description="IPs or CIDR networks")
+    forwarded_header: bool = Field(False, description="also send a Forwarded header")
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The trusted peers as network objects (a bare IP is a /32 or /128)."""
+        return tuple(ipaddress.ip_network(n) for n in self.trusted_ips)
+
+
+class Entrypoint(_Model):
+    """A listener: one address, bound with SO_REUSEPORT in every worker."""
+
+    address: Address = Field("127.0.0.1:8080", description="host:port or [ipv6]:port")
+    backlog: int = Field(1024, ge=1, le=65535, description="listen(2) backlog")
+    forwarded: Forwarded = Forwarded()
+
+    @property
+    def host(self) -> str:
+        return parse_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_address(self.address)[1]
+
+
+class Match(_Model):
+    """What a request must look like for the route to apply; every given part must match."""
+
+    hosts: tuple[RouteHost, ...] = Field(
+        (), description="exact or *.wildcard host names, lowercased; empty = any host"
+    )
+    path: str = Field("/", description="a path, a prefix or a regular expression")
+    path_type: Literal["exact", "prefix", "regex"] = "prefix"
+    methods: tuple[Method, ...] = Field((), description="uppercased; empty = any method")
+
+
+class Route(_Model):
+    """Requests matching `match` on the listed entrypoints go through `middlewares` to `service`.
+
+    Among matching routes the highest `priority` wins, then the most specific match.
+    """
+
+    name: Name = Field(description="unique; defaults to route-<index>")
+    entrypoints: tuple[str, ...] = Field((), description="entrypoint names; empty = all")
+    match: Match = Match()
+    priority: int = 0
+    middlewares: tuple[str, ...] = Field((), description="applied in order")
+    service: str
+
+
+class Server(_Model):
+    """One upstream server. https:// is accepted here; upstream TLS itself is a later step."""
+
+    url: ServerUrl = Field(description="http://host:port (port defaults to 80/443)")
+    weight: int = Field(1, ge=1, le=1_000_000)
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+class Service(_Model):
+    """A set of servers behind one name, with optional timeout and pool overrides."""
+
+    servers: tuple[Server, ...]
+    timeouts: UpstreamTimeouts | None = None
+    pool: PoolOverride | None = None
+
+    @field_validator("servers")
+    @classmethod
+    def _some_servers(cls, servers: tuple[Server, ...]) -> tuple[Server, ...]:
+        if not servers:
+            raise ValueError("a service needs at least one server")
+        return servers
+
+
+class Middleware(_Model):
+    """A named middleware instance: its `type` plus that type's options.
+
+    In the file the options sit beside `type` (`{type: rate_limit, rate: 100}`); here they are
+    kept apart in `options`, and serialization puts them back beside `type`. The type's own
+    class validates the options when the runtime is compiled.
+    """
+
+    type: Annotated[str, AfterValidator(_check_type)]
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_options(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            options = dict(data)
+            if "type" not in options:
+                return {"options": options}
+            return {"type": options.pop("type"), "options": options}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _flatten_options(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            options = data.pop("options", None) or {}
+            data.update(options)
+        return data
+
+
+class Admin(_Model):
+    """The admin listener (/metrics, /healthz, /readyz, /config). Keep it on loopback."""
+
+    address: Address = "127.0.0.1:9901"
+    enabled: bool = True
+
+
+class DemoOrigin(_Model):
+    """A built-in hello-world upstream, so the embedded default answers out of the box."""
+
+    address: Address = "127.0.0.1:8081"
+    enabled: bool = False
+
+
+LogLevel = Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)]
+
+
+class Config(_Model):
+    """The whole configuration. Build it with `parse_config` or `fastgate.config.load_config`."""
+
+    workers: int = Field(0, ge=0, le=1024, description="worker processes; 0 = CPU count")
+    log_level: LogLevel = "info"
+    drain_timeout: float = Field(
+        30.0, ge=0, description="seconds SIGTERM waits for in-flight requests"
+    )
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+    pool: Pool = Pool()
+    entrypoints: dict[Name, Entrypoint] = {}
+    routes: tuple[Route, ...] = ()
+    services: dict[Name, Service] = {}
+    middlewares: dict[Name, Middleware] = {}
+    admin: Admin = Admin()
+    demo_origin: DemoOrigin = DemoOrigin()
+
+    @field_validator("entrypoints", "services", "middlewares", mode="before")
+    @classmethod
+    def _empty_mapping(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _default_route_names(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, list | tuple):
+            return [
+                {**r, "name": f"route-{i}"} if isinstance(r, Mapping) and "name" not in r else r
+                for i, r in enumerate(value)
+            ]
+        return value
+
+    @model_validator(mode="after")
+    def _cross_check(self, info: ValidationInfo) -> Config:
+        if info.context and info.context.get("cross_checked"):
+            return self
+        problems = cross_check(self.model_dump())
+        if problems:
+            raise ValueError("\n".join(f"{path}: {reason}" for path, reason in problems))
+        return self
+
+    # --- helpers for the runtime compiler ---
+
+    def worker_count(self) -> int:
+        """`workers`, with 0 resolved to the number of CPUs."""
+        return self.workers or os.cpu_count() or 1
+
+    def effective_timeouts(self, service: str) -> Timeouts:
+        """The global timeouts with `service`'s upstream overrides applied."""
+        override = self.services[service].timeouts
+        if override is None:
+            return self.timeouts
+        return self.timeouts.model_copy(update=override.model_dump(exclude_none=True))
+
+    def effective_pool(self, service: str) -> Pool:
+        """The global pool settings with `service`'s overrides applied."""
+        override = self.services[service].pool
+        if override is None:
+            return self.pool
+        return self.pool.model_copy(update=override.model_dump(exclude_none=True))
+
+    def routes_for(self, entrypoint: str) -> tuple[Route, ...]:
+        """The routes served on `entrypoint` (those naming it, and those naming none)."""
+        return tuple(r for r in self.routes if not r.entrypoints or entrypoint in r.entrypoints)
+
+
+# --- cross-checks ---------------------------------------------------------------------------
+
+
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _section_names(data: Mapping[str, Any], key: str) -> set[str] | None:
+    """The names defined in a mapping section, or None when the section is malformed."""
+    section = data.get(key, {})
+    if section is None:
+        return set()
+    return {k for k in section if isinstance(k, str)} if isinstance(section, Mapping) else None
+
+
+def _sequence(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def cross_check(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The checks that need the whole document, over the raw (unvalidated) mapping.
+
+    Returns (path, reason) pairs. Parts with the wrong shape are skipped: the shape check
+    reports them, and the rest of the document is still checked.
+    """
+    errors: list[tuple[str, str]] = []
+    entrypoints = _section_names(data, "entrypoints")
+    services = _section_names(data, "services")
+    middlewares = _section_names(data, "middlewares")
+    if entrypoints is not None and not entrypoints:
+        errors.append(("entrypoints", "at least one entrypoint is required"))
+
+    seen_names: dict[str, int] = {}
+    for i, route in enumerate(_sequence(data.get("routes"))):
+        if not isinstance(route, Mapping):
+            continue
+        at = f"routes[{i}]"
+        name = route.get("name", f"route-{i}")
+        if isinstance(name, str):
+            if name in seen_names:
+                errors.append(
+                    (
+                        f"{at}.name",
+                        f"duplicate route name {name!r} (also routes[{seen_names[name]}])",
+                    )
+                )
+            else:
+                seen_names[name] = i
+        service = route.get("service")
+        if isinstance(service, str) and services is not None and service not in services:
+            errors.append(
+                (f"{at}.service", f"unknown service {service!r}{_did_you_mean(service, services)}")
+            )
+        for key, known, what in (
+            ("entrypoints", entrypoints, "entrypoint"),
+            ("middlewares", middlewares, "middleware"),
+        ):
+            if known is None:
+                continue
+            for j, ref in enumerate(_sequence(route.get(key))):
+                if isinstance(ref, str) and ref not in known:
+                    errors.append(
+                        (f"{at}.{key}[{j}]", f"unknown {what} {ref!r}{_did_you_mean(ref, known)}")
+                    )
+        match = route.get("match", {})
+        if isinstance(match, Mapping):
+            errors.extend(_check_match_path(f"{at}.match.path", match))
+
+    errors.extend(_check_address_clashes(data))
+    return errors
+
+
+def _check_match_path(at: str, match: Mapping[str, Any]) -> list[tuple[str, str]]:
+    path = match.get("path", "/")
+    path_type = match.get("path_type", "prefix")
+    if not isinstance(path, str):
+        return []
+    if path_type == "regex":
+        try:
+            re.compile(path)
+        except re.error as exc:
+            return [(at, f"invalid regular expression {path!r}: {exc}")]
+    elif path_type in ("exact", "prefix") and not path.startswith("/"):
+        return [(at, f"a {path_type} path must start with '/', got {path!r}")]
+    return []
+
+
+def _check_address_clashes(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """No two listeners (entrypoints, admin, demo origin) on one host:port."""
+    listeners: list[tuple[str, Any]] = []
+    entrypoints = data.get("entrypoints")
+    if isinstance(entrypoints, Mapping):
+        default = Entrypoint.model_fields["address"].default
+        for name, ep in entrypoints.items():
+            if isinstance(ep, Mapping) or ep is None:
+                listeners.append(
+                    (f"entrypoints.{name}.address", (ep or {}).get("address", default))
+                )
+    for key, model in (("admin", Admin), ("demo_origin", DemoOrigin)):
+        section = data.get(key, {})
+        if not isinstance(section, Mapping):
+            continue
+        if section.get("enabled", model.model_fields["enabled"].default) is True:
+            default = model.model_fields["address"].default
+            listeners.append((f"{key}.address", section.get("address", default)))
+    errors: list[tuple[str, str]] = []
+    taken: dict[tuple[str, int], str] = {}
+    for at, address in listeners:
+        try:
+            host, port = parse_address(address)
+        except (ValueError, TypeError, AttributeError):
+            continue
+        key = (host.lower(), port)
+        if key in taken:
+            errors.append((at, f"address {address} is already used by {taken[key]}"))
+        else:
+            taken[key] = at.removesuffix(".address")
+    return errors
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+_SIMPLE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def format_path(loc: typing.Iterable[int | str]) -> str:
+    """A pydantic `loc` tuple as a key path: ('routes', 0, 'match', 'path') → routes[0].match.path.
+
+    Mapping keys that are not plain names are quoted: `services['my svc'].servers`.
+    """
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _SIMPLE_KEY.match(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+def _model_at(loc: typing.Sequence[int | str]) -> type[BaseModel] | None:
+    """The model class that a loc points into (for 'did you mean' on unknown keys)."""
+    annotation: Any = Config
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+            continue
+        args = typing.get_args(annotation)
+        origin = typing.get_origin(annotation)
+        if origin is tuple and args and isinstance(part, int):
+            annotation = args[0]
+        elif origin is dict and len(args) == 2 and isinstance(part, str):
+            annotation = args[1]
+        else:
+            return None
+    annotation = _unwrap(annotation)
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and `X | None` down to X."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def pydantic_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """Turn a pydantic ValidationError into (key path, reason) pairs with plain reasons."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        kind = err["type"]
+        reason = err["msg"]
+        value = err.get("input")
+        if kind == "value_error":
+            reason = str(err.get("ctx", {}).get("error", reason))
+            if not loc and "\n" in reason:  # the Config-level cross-check, one line per error
+                for line in reason.splitlines():
+                    path, _, why = line.partition(": ")
+                    out.append((path, why))
+                continue
+        elif kind == "extra_forbidden":
+            model = _model_at(loc[:-1])
+            hint = _did_you_mean(str(loc[-1]), model.model_fields) if model else ""
+            reason = f"unknown key{hint}"
+        elif kind == "missing":
+            reason = "required key is missing"
+        elif isinstance(value, str | int | float | bool) and value is not None:
+            reason = f"{reason} (got {value!r})"
+        if loc and loc[-1] == "[key]":
+            loc.pop()
+        out.append((format_path(loc), reason))
+    return out
+
+
+def _natural(item: tuple[str, str]) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Validate a configuration mapping; raise one ConfigError listing every problem.
+
+    The error's `errors` attribute holds (key path, reason) pairs in document-path order.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"the configuration must be a mapping, got {type(data).__name__}")
+    errors: list[tuple[str, str]] = []
+    config = None
+    try:
+        config = Config.model_validate(data, context={"cross_checked": True})
+    except ValidationError as exc:
+        errors.extend(pydantic_errors(exc))
+    errors.extend(cross_check(data))
+    if errors:
+        unique = list(dict.fromkeys(errors))
+        raise ConfigError.from_errors(sorted(unique, key=_natural))
+    assert config is not None
+    return config

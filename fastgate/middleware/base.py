@@ -1,0 +1,62 @@
+"""The middleware contract: a chain of objects built once per config, run per request.
+
+A middleware's `on_request(ctx)` returns `None` to continue, a `LocalReply` to answer the
+request itself, or an awaitable resolving to one of those when it must wait on I/O (the
+connection stops reading until it resolves). See DESIGN.md §2 and STYLE.md §7.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from fastgate._core.writer import reason_phrase
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """A response the gateway writes itself (401, 403, 429, redirects ...)."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "application/json"
+
+    @classmethod
+    def error(cls, status: int, message: str, **headers: str) -> LocalReply:
+        body = json.dumps({"error": message}).encode()
+        return cls(status, body, tuple((k.replace("_", "-"), v) for k, v in headers.items()))
+
+    def encode(self, request_id: bytes, close: bool) -> bytes:
+        """The whole response as bytes; a JSON error body gets the request id added."""
+        body = self.body
+        if self.content_type == "application/json" and body.startswith(b'{"error"'):
+            body = body[:-1] + b',"request_id":"' + request_id + b'"}\n'
+        lines = [f"HTTP/1.1 {self.status} {reason_phrase(self.status)}"]
+        if body or self.status >= 200:
+            lines.append(f"Content-Type: {self.content_type}")
+            lines.append(f"Content-Length: {len(body)}")
+        lines.extend(f"{k}: {v}" for k, v in self.headers)
+        if close:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What middlewares share about one request: its head, the connection, the identity."""
+
+    conn: Any
+    head: Any
+    identity: Any = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Middleware(Protocol):
+    """One concern of the request path; module name = config `type` = `type` attribute."""
+
+    type: ClassVar[str]
+
+    def on_request(self, ctx: RequestContext) -> LocalReply | Awaitable[Any] | None: ...

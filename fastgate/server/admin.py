@@ -1,0 +1,90 @@
+"""The admin listener (loopback by default): /healthz and /readyz for orchestrators.
+
+`/healthz` answers 200 while the supervisor's loop runs (liveness). `/readyz` answers the
+supervisor's status document as JSON, 200 when every worker is ready and the gateway is not
+stopping, else 503 (readiness). GET and HEAD only (405 with `Allow` otherwise, RFC 9110
+§15.5.6); one request per connection, answered with `Connection: close`. The request head is
+bounded (8 KiB, 10 s); anything that does not parse as a request line gets 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastgate.config.schema import parse_address
+
+log = logging.getLogger("fastgate.admin")
+
+MAX_HEAD = 8192
+HEAD_TIMEOUT = 10.0
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def _answer(
+    method: bytes, path: bytes, status: Callable[[], dict[str, Any]]
+) -> tuple[int, dict[str, Any]]:
+    if path not in (b"/healthz", b"/readyz"):
+        return 404, {"error": "not found"}
+    if method not in (b"GET", b"HEAD"):
+        return 405, {"error": "method not allowed"}
+    if path == b"/healthz":
+        return 200, {"status": "ok"}
+    doc = status()
+    return (200 if doc.get("ready") else 503), doc
+
+
+async def start_admin(address: str, status: Callable[[], dict[str, Any]]) -> asyncio.AbstractServer:
+    """Serve the admin endpoints; `status()` describes the supervisor and its workers."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
+            writer.close()
+            return
+        method = b""
+        try:
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+                code, doc = 400, {"error": "bad request line"}
+            else:
+                method = parts[0]
+                code, doc = _answer(method, parts[1].split(b"?", 1)[0], status)
+        except Exception:
+            log.exception("admin: status failed")
+            code, doc = 500, {"error": "internal error"}
+        body = json.dumps(doc).encode() + b"\n"
+        allow = b"Allow: GET, HEAD\r\n" if code == 405 else b""
+        try:
+            writer.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Cache-Control: no-store\r\n%sConnection: close\r\n\r\n"
+                % (code, _REASONS[code].encode(), len(body), allow)
+            )
+            if method != b"HEAD":
+                writer.write(body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    host, port = parse_address(address)
+    return await asyncio.start_server(handle, host, port, limit=MAX_HEAD)

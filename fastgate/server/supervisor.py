@@ -1,0 +1,485 @@
+"""The supervisor: validates config, runs N worker processes, reloads, drains, restarts.
+
+Workers are separate Python processes (`python -m fastgate.server.worker`) rather than forks
+of this one: the supervisor runs an asyncio loop, and a fork from inside a running loop would
+leave the child with the parent's loop state. Each worker binds its listeners with
+SO_REUSEPORT, so the kernel spreads connections across them and the supervisor never touches
+client traffic. The pipes and status words are described in worker.py.
+
+Reload (SIGHUP, or the config file changing on disk; the file's mtime, size and inode are
+polled every second): the new config is loaded, validated and compiled once here, and new
+listen addresses are test-bound, before any worker sees it. A bad config is refused with every
+problem logged by key path; `/readyz` shows `last_reload: "refused: ..."`, and the workers keep
+the running generation. A good one gets the next generation number and is sent to every
+worker, which swaps it in and reports the generation it serves (`/readyz` `workers_current`).
+A file change that leaves the config equal to the running one is not a new generation; a
+SIGHUP always is.
+
+Stop (SIGTERM or SIGINT): `/readyz` turns 503, workers get SIGTERM and drain (drain_timeout),
+a worker still running `drain_timeout + KILL_GRACE` seconds later is killed, then the admin
+listener and the demo origin close and the process exits 0.
+
+A worker that dies is restarted with the current config. Deaths in quick succession (uptime
+under STABLE_UPTIME) back off exponentially from RESTART_DELAY to MAX_RESTART_DELAY, so a
+worker that cannot start (its reason is logged and shown as `last_worker_error`) does not
+spin the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from fastgate.config.compile import check_runtime
+from fastgate.config.schema import Config
+from fastgate.errors import ConfigError
+from fastgate.server.listener import check_bindable
+from fastgate.server.worker import config_payload
+
+log = logging.getLogger("fastgate")
+
+WATCH_INTERVAL = 1.0  # seconds between config file checks
+KILL_GRACE = 5.0  # beyond drain_timeout, before a draining worker is killed
+RESTART_DELAY = 0.2
+MAX_RESTART_DELAY = 10.0
+STABLE_UPTIME = 10.0  # a worker that ran this long resets the back-off
+
+FileStamp = tuple[int, int, int, int]
+
+
+class WorkerHandle:
+    """A running worker process and what it last reported."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, generation: int) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.ready = False
+        self.generation = generation  # the config generation it serves
+        self.started = time.monotonic()
+        self.retiring = False  # asked to stop because `workers` was lowered
+        self.error = ""  # why it could not start, when it said so
+
+
+class Supervisor:
+    """Owns the workers, the admin listener and the demo origin of one `fastgate run`."""
+
+    worker_argv: tuple[str, ...] = (sys.executable, "-m", "fastgate.server.worker")
+
+    def __init__(
+        self,
+        config: Config,
+        reload_config: Callable[[], Config] | None,
+        config_path: str | None = None,
+    ) -> None:
+        self.config = config
+        self.reload_config = reload_config
+        self.config_path = config_path
+        self.workers: list[WorkerHandle] = []
+        self.pending_starts = 0
+        self.stopping = False
+        self.generation = 1
+        self.payload = config_payload(config)
+        self.last_reload = "none"
+        self.restarts = 0
+        self.quick_deaths = 0
+        self.last_worker_error = ""
+        self.file_stamp = _stamp(config_path)
+        self.stop_requested = asyncio.Event()
+        self.done = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.cancel_on_stop: set[asyncio.Task[Any]] = set()
+
+    # ---- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The /readyz document."""
+        live = self._live()
+        ready = [w for w in live if w.ready]
+        target = self.config.worker_count()
+        return {
+            "ready": not self.stopping and len(ready) >= target,
+            "stopping": self.stopping,
+            "workers": target,
+            "workers_ready": len(ready),
+            "workers_current": sum(1 for w in ready if w.generation == self.generation),
+            "generation": self.generation,
+            "last_reload": self.last_reload,
+            "worker_restarts": self.restarts,
+            "last_worker_error": self.last_worker_error,
+            "pids": [w.pid for w in live],
+            "worker_list": [
+                {"pid": w.pid, "ready": w.ready, "generation": w.generation} for w in live
+            ],
+        }
+
+    def _live(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if not w.retiring]
+
+    # ---- workers ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], stop_cancels: bool = False) -> None:
+        """Run `coro` as a task that is kept referenced; `stop_cancels`: stop() cancels it
+        (pending restarts, the file watcher; not the watchers that see workers exit)."""
+        tasks = self.cancel_on_stop if stop_cancels else self.tasks
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def start_worker(self) -> WorkerHandle | None:
+        """Spawn one worker with the current config; None (and a retry later) on failure."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.worker_argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            self.last_worker_error = f"cannot spawn a worker: {exc}"
+            log.error("%s", self.last_worker_error)
+            self._schedule_restart(quick=True)
+            return None
+        handle = WorkerHandle(proc, self.generation)
+        self.workers.append(handle)
+        self._send(handle, {"op": "start", "generation": self.generation, "config": self.payload})
+        self._spawn(self._watch(handle))
+        log.info("worker %d started (generation %d)", handle.pid, self.generation)
+        return handle
+
+    def _send(self, handle: WorkerHandle, msg: dict[str, Any]) -> None:
+        stdin = handle.proc.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.write(json.dumps(msg).encode() + b"\n")
+
+    async def _watch(self, handle: WorkerHandle) -> None:
+        """Read the worker's status lines until it exits, then restart it if it should."""
+        assert handle.proc.stdout is not None
+        try:
+            while line := await handle.proc.stdout.readline():
+                self._on_status(handle, line)
+        except (ValueError, ConnectionError):  # an over-long line; the pipe is unusable
+            log.error("worker %d: unreadable status; stopping it", handle.pid)
+            _signal(handle, signal.SIGKILL)
+        code = await handle.proc.wait()
+        if handle.proc.stdin is not None:
+            handle.proc.stdin.close()  # or the pipe (and its fd) lives on after the child
+        self.workers.remove(handle)
+        self._exited(handle, code)
+
+    def _on_status(self, handle: WorkerHandle, line: bytes) -> None:
+        parts = line.decode("utf-8", "replace").rstrip("\n").split(" ", 3)
+        word = parts[1] if len(parts) > 1 else ""
+        generation = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+        reason = parts[3] if len(parts) > 3 else ""
+        if word == "ready":
+            handle.ready = True
+            handle.generation = generation or handle.generation
+            log.info("worker %d ready (generation %d)", handle.pid, handle.generation)
+        elif word == "reloaded" and generation is not None:
+            handle.generation = generation
+            if all(w.generation == self.generation for w in self._live() if w.ready):
+                log.info("all workers serve generation %d", self.generation)
+        elif word == "reload-failed":
+            self.last_reload = f"failed in worker {handle.pid}: {reason}"
+            log.error(
+                "worker %d refused generation %s and keeps generation %d: %s",
+                handle.pid,
+                generation,
+                handle.generation,
+                reason,
+            )
+        elif word == "failed":
+            handle.error = reason
+            self.last_worker_error = f"worker {handle.pid}: {reason}"
+            log.error("worker %d cannot start: %s", handle.pid, reason)
+
+    def _exited(self, handle: WorkerHandle, code: int) -> None:
+        how = _describe_exit(code)
+        if self.stopping or handle.retiring:
+            log.info("worker %d %s", handle.pid, how)
+            if self.stopping and not self.workers:
+                self.done.set()
+            return
+        quick = time.monotonic() - handle.started < STABLE_UPTIME
+        if not handle.error:
+            self.last_worker_error = f"worker {handle.pid} {how}"
+        delay = self._schedule_restart(quick)
+        log.error(
+            "worker %d %s%s; restarting in %.1fs",
+            handle.pid,
+            how,
+            f" ({handle.error})" if handle.error else "",
+            delay,
+        )
+
+    def _schedule_restart(self, quick: bool) -> float:
+        self.quick_deaths = self.quick_deaths + 1 if quick else 1
+        delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (self.quick_deaths - 1))
+        self.restarts += 1
+        self.pending_starts += 1
+        self._spawn(self._restart_later(delay), stop_cancels=True)
+        return delay
+
+    async def _restart_later(self, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+            if not self.stopping and len(self._live()) < self.config.worker_count():
+                await self.start_worker()
+        finally:
+            self.pending_starts -= 1
+
+    def _adjust_worker_count(self) -> None:
+        """Start or retire workers after `workers` changed in a reload."""
+        target = self.config.worker_count()
+        live = self._live()
+        missing = target - len(live) - self.pending_starts
+        for _ in range(missing):
+            self._spawn(self.start_worker())
+        for handle in live[target:]:
+            handle.retiring = True
+            log.info("worker %d retiring (workers: %d)", handle.pid, target)
+            _signal(handle, signal.SIGTERM)
+
+    # ---- reload ----------------------------------------------------------------------------
+
+    def reload(self, trigger: str = "SIGHUP", only_if_changed: bool = False) -> None:
+        """Load, validate and compile the config again; send it to the workers if it is good."""
+        if self.stopping:
+            return
+        if self.reload_config is None:
+            log.info("%s: nothing to reload (no config file)", trigger)
+            return
+        self.file_stamp = _stamp(self.config_path)
+        try:
+            config = self.reload_config()
+            if only_if_changed and config == self.config:
+                log.info("%s: the config is unchanged; nothing to do", trigger)
+                return
+            self._check(config)
+        except ConfigError as exc:
+            self.last_reload = "refused: " + "; ".join(exc.lines())
+            log.error(
+                "%s: new config refused, generation %d keeps serving:\n%s",
+                trigger,
+                self.generation,
+                "\n".join(f"  {line}" for line in exc.lines()),
+            )
+            return
+        except Exception as exc:  # a bug here must not take the supervisor down
+            self.last_reload = f"refused: internal error: {exc}"
+            log.exception(
+                "%s: reload failed, generation %d keeps serving", trigger, self.generation
+            )
+            return
+        self._apply(config)
+        log.info(
+            "%s: config generation %d sent to %d workers",
+            trigger,
+            self.generation,
+            len(self._live()),
+        )
+
+    def _check(self, config: Config) -> None:
+        """What a worker would refuse, refused here first (ConfigError by key path)."""
+        check_runtime(config)
+        in_use = {ep.address for ep in self.config.entrypoints.values()}
+        problems = []
+        for name, ep in config.entrypoints.items():
+            if ep.address in in_use:
+                continue
+            reason = check_bindable(ep.address)
+            if reason:
+                problems.append(
+                    (f"entrypoints.{name}.address", f"cannot listen on {ep.address}: {reason}")
+                )
+        if problems:
+            raise ConfigError.from_errors(problems)
+        for key in ("admin", "demo_origin"):
+            if getattr(config, key) != getattr(self.config, key):
+                log.warning("%s: changes take effect at the next restart", key)
+
+    def _apply(self, config: Config) -> None:
+        self.config = config
+        self.generation += 1
+        self.payload = config_payload(config)
+        self.last_reload = "ok"
+        logging.getLogger().setLevel(config.log_level.upper())
+        msg = {"op": "reload", "generation": self.generation, "config": self.payload}
+        for handle in self._live():
+            self._send(handle, msg)
+        self._adjust_worker_count()
+
+    async def _watch_file(self) -> None:
+        """Reload when the config file changes on disk (polled; cheap and dependable)."""
+        while not self.stopping:
+            await asyncio.sleep(WATCH_INTERVAL)
+            stamp = _stamp(self.config_path)
+            if stamp is None or stamp == self.file_stamp:
+                continue  # unchanged, or missing for a moment (an editor's rename dance)
+            await asyncio.sleep(0.1)
+            if _stamp(self.config_path) != stamp:
+                continue  # still being written: look again next round
+            self.reload("config file change", only_if_changed=True)
+
+    # ---- stop ------------------------------------------------------------------------------
+
+    def stop(self, why: str = "SIGTERM") -> None:
+        """Drain every worker; run() returns once they have exited."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info(
+            "%s: draining %d workers (up to %gs)", why, len(self.workers), self.config.drain_timeout
+        )
+        for task in list(self.cancel_on_stop):
+            task.cancel()
+        for handle in self.workers:
+            _signal(handle, signal.SIGTERM)
+        if not self.workers:
+            self.done.set()
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
+        servers = await self._start_listeners()
+        if servers is None:
+            return 2
+        for name, ep in self.config.entrypoints.items():
+            log.info("entrypoint %s on http://%s", name, ep.address)
+        if self.config.admin.enabled:
+            log.info("admin on http://%s (/healthz, /readyz)", self.config.admin.address)
+        for _ in range(self.config.worker_count()):
+            if self.stopping:
+                break
+            await self.start_worker()
+        if self.config_path is not None:
+            self._spawn(self._watch_file(), stop_cancels=True)
+        await self.stop_requested.wait()
+        killed = await self._wait_workers(self.config.drain_timeout + KILL_GRACE)
+        for task in list(self.tasks):
+            task.cancel()
+        for server in servers:
+            server.close()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+        return 1 if killed else 0
+
+    async def _start_listeners(self) -> list[asyncio.AbstractServer] | None:
+        """The demo origin and the admin listener; None (reported) when one cannot listen."""
+        from fastgate.server.admin import start_admin
+        from fastgate.server.demo_origin import start_demo_origin
+
+        wanted = []
+        if self.config.demo_origin.enabled:
+            address = self.config.demo_origin.address
+            wanted.append(("demo_origin.address", address, start_demo_origin(address)))
+        if self.config.admin.enabled:
+            address = self.config.admin.address
+            wanted.append(("admin.address", address, start_admin(address, self.status)))
+        servers: list[asyncio.AbstractServer] = []
+        for key, address, starting in wanted:
+            try:
+                servers.append(await starting)
+            except OSError as exc:
+                print(
+                    f"error: {key}: cannot listen on {address}: {exc.strerror or exc}",
+                    file=sys.stderr,
+                )
+                for server in servers:
+                    server.close()
+                for _, _, never in wanted[len(servers) + 1 :]:
+                    never.close()
+                return None
+        return servers
+
+    async def _wait_workers(self, timeout: float) -> int:
+        """Wait for the draining workers; kill those still running after `timeout`."""
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout)
+            return 0
+        except TimeoutError:
+            pass
+        stuck = list(self.workers)
+        for handle in stuck:
+            log.error("worker %d did not finish draining in %gs; killing it", handle.pid, timeout)
+            _signal(handle, signal.SIGKILL)
+        try:
+            await asyncio.wait_for(self.done.wait(), 5)
+        except TimeoutError:
+            log.error("workers %s did not exit", [w.pid for w in self.workers])
+        return len(stuck)
+
+
+def _signal(handle: WorkerHandle, sig: int) -> None:
+    try:
+        handle.proc.send_signal(sig)
+    except ProcessLookupError:
+        pass  # already gone; its watcher will see the exit
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _stamp(path: str | None) -> FileStamp | None:
+    """What tells a changed file apart: mtime, size, inode, device (None when missing)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def serve(
+    config: Config,
+    config_path: str | None = None,
+    reload_config: Callable[[], Config] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> int:
+    """Run the gateway until SIGTERM/SIGINT; returns the process exit code.
+
+    `overrides` are the command-line settings `config` was built with; reloads apply them
+    again, so a reload cannot undo `--listen` or `--workers`.
+    """
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    if reload_config is None and config_path is not None:
+        from fastgate.config.loader import load_config
+
+        def reload_config() -> Config:
+            return load_config(config_path, os.environ, overrides)
+
+    problems = []
+    for name, ep in config.entrypoints.items():
+        reason = check_bindable(ep.address)
+        if reason:
+            problems.append(f"entrypoints.{name}.address: cannot listen on {ep.address}: {reason}")
+    try:
+        check_runtime(config)
+    except ConfigError as exc:
+        problems.extend(exc.lines())
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 2
+    return asyncio.run(Supervisor(config, reload_config, config_path).run())

@@ -1,0 +1,332 @@
+"""A worker process: one uvloop event loop serving every entrypoint of the current config.
+
+The worker owns an Engine (timers, pools, counters) and one Runtime per config generation.
+
+Talking to the supervisor: control messages arrive on stdin as JSON lines, `start` first (the
+config to serve and its generation), then `reload` (a newer config, already validated and
+compiled once by the supervisor). Status goes back as text lines `<pid> <word> [<generation>]
+[<reason>]` on a private duplicate of the original stdout: `ready`, `reloaded`,
+`reload-failed`, `failed` (could not start; exit status 3). File descriptor 1 is pointed at
+stderr before anything else runs, so a stray print() cannot corrupt the status stream.
+
+Reload: compile the new Runtime and bind any new listener addresses first; only when both
+succeed is each entrypoint's `cfg` swapped, so a failure keeps the running generation whole.
+Messages are applied one at a time, in order.
+
+Drain (SIGTERM/SIGINT, or stdin closing because the supervisor is gone): close the listeners,
+stop keep-alive (idle connections close now, busy ones after their response), wait for the
+in-flight requests up to drain_timeout, then exit; the process exit closes whatever is still
+open at the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+import uvloop
+
+from fastgate._core.conn import DownstreamProtocol, Engine, EntryPoint
+from fastgate.config.compile import Runtime, compile_runtime
+from fastgate.config.schema import Config, parse_config
+from fastgate.errors import ConfigError
+from fastgate.server.dispatch import dispatch
+from fastgate.server.listener import bind
+
+log = logging.getLogger("fastgate.worker")
+
+EXIT_START_FAILED = 3
+# During a drain, connections accepted at the last moment (still idle) are closed this often.
+_REDRAIN_INTERVAL = 0.25
+
+
+class Worker:
+    """Listeners, the engine and the current runtime of one worker process."""
+
+    def __init__(
+        self,
+        config: Config,
+        generation: int,
+        status_fd: int | None,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.generation = generation
+        self.status_fd = status_fd
+        self.loop = asyncio.get_running_loop()
+        self.engine = Engine(self.loop, dispatch, tick_interval=_tick_for(config))
+        self.runtime: Runtime = compile_runtime(config, self.engine)
+        self.entrypoints: dict[str, EntryPoint] = {}
+        self.servers: dict[str, tuple[str, asyncio.AbstractServer]] = {}
+        self.stopping = stopping or asyncio.Event()
+        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._pending = b""
+        self._control_fd: int | None = None
+
+    async def start(self) -> None:
+        """Bind every entrypoint (all or none) and start serving."""
+        socks = _bind_all(self.config, self.config.entrypoints)
+        for name, sock in socks.items():
+            await self._serve(name, sock)
+
+    async def _serve(self, name: str, sock: socket.socket) -> None:
+        ep = self.config.entrypoints[name]
+        entry = EntryPoint(name, self.runtime.entries[name])
+        engine = self.engine
+        server = await self.loop.create_server(
+            lambda: DownstreamProtocol(engine, entry), sock=sock, backlog=ep.backlog
+        )
+        self.entrypoints[name] = entry
+        self.servers[name] = (ep.address, server)
+
+    async def reload(self, config: Config, generation: int) -> None:
+        """Swap to `config`; raises ConfigError (and keeps serving the old one) on failure."""
+        runtime = compile_runtime(config, self.engine)
+        changed = {
+            name: ep
+            for name, ep in config.entrypoints.items()
+            if name not in self.servers or self.servers[name][0] != ep.address
+        }
+        try:
+            socks = _bind_all(config, changed)
+        except ConfigError:
+            runtime.retire()
+            raise
+        old = self.runtime
+        self.runtime = runtime
+        self.config = config
+        self.generation = generation
+        for name, entry in self.entrypoints.items():
+            if name in runtime.entries and name not in changed:
+                entry.cfg = runtime.entries[name]
+        for name in list(self.servers):
+            if name not in config.entrypoints or name in changed:
+                # Connections accepted there keep the old cfg until they close.
+                self.servers.pop(name)[1].close()
+                del self.entrypoints[name]
+        for name, sock in socks.items():
+            await self._serve(name, sock)
+        self.engine.set_tick_interval(_tick_for(config))
+        logging.getLogger().setLevel(config.log_level.upper())
+        old.retire()
+        log.info("worker %d: config generation %d in use", os.getpid(), generation)
+
+    # ---- the control channel ---------------------------------------------------------------
+
+    def listen_control(self, fd: int, pending: bytes) -> None:
+        """Read control messages from `fd`; `pending` holds bytes read before the loop ran."""
+        self._control_fd = fd
+        self._pending = pending
+        self._split_messages()
+        self.loop.add_reader(fd, self._on_control)
+        self.loop.create_task(self._apply_messages())
+
+    def _on_control(self) -> None:
+        assert self._control_fd is not None
+        try:
+            data = os.read(self._control_fd, 1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # The supervisor is gone: nobody can stop or restart us, so drain and exit.
+            self.loop.remove_reader(self._control_fd)
+            log.warning("worker %d: control channel closed; draining", os.getpid())
+            self.stopping.set()
+            return
+        self._pending += data
+        self._split_messages()
+
+    def _split_messages(self) -> None:
+        while b"\n" in self._pending:
+            line, self._pending = self._pending.split(b"\n", 1)
+            try:
+                self.messages.put_nowait(json.loads(line))
+            except ValueError:
+                log.error("worker %d: unreadable control message ignored", os.getpid())
+
+    async def _apply_messages(self) -> None:
+        while True:
+            msg = await self.messages.get()
+            if msg.get("op") != "reload" or self.stopping.is_set():
+                continue
+            generation = int(msg.get("generation", self.generation + 1))
+            try:
+                await self.reload(parse_config(msg["config"]), generation)
+            except ConfigError as exc:
+                reason = "; ".join(exc.lines())
+                log.error(
+                    "worker %d: reload refused, keeping generation %d: %s",
+                    os.getpid(),
+                    self.generation,
+                    reason,
+                )
+                self.status("reload-failed", generation, reason)
+            except Exception as exc:  # a bug must not take the control channel down
+                log.exception("worker %d: reload failed", os.getpid())
+                self.status("reload-failed", generation, f"{type(exc).__name__}: {exc}")
+            else:
+                self.status("reloaded", generation)
+
+    def status(self, word: str, generation: int | None = None, reason: str = "") -> None:
+        """One status line to the supervisor (a no-op when run without one)."""
+        if self.status_fd is None:
+            return
+        _write_status(self.status_fd, word, generation, reason)
+
+    # ---- draining --------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting, finish in-flight requests; returns how many were cut at the
+        deadline (the caller's exit closes them)."""
+        for _, server in self.servers.values():
+            server.close()
+        self.servers.clear()
+        self.engine.start_drain()
+        deadline = self.loop.time() + timeout
+        next_sweep = self.loop.time() + _REDRAIN_INTERVAL
+        while self.engine.conns and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+            if self.loop.time() >= next_sweep:
+                # A connection accepted just before the listener closed sits idle with no
+                # request; it would otherwise hold the drain until its head timeout.
+                self.engine.start_drain()
+                next_sweep = self.loop.time() + _REDRAIN_INTERVAL
+        left = len(self.engine.conns)
+        self.engine.close()
+        self.runtime.retire()
+        return left
+
+
+def _bind_all(config: Config, entrypoints: dict[str, Any]) -> dict[str, socket.socket]:
+    """Listening sockets for `entrypoints`, all or none: ConfigError names the address key."""
+    socks: dict[str, socket.socket] = {}
+    for name, ep in entrypoints.items():
+        try:
+            socks[name] = bind(ep.address, ep.backlog)
+        except OSError as exc:
+            for sock in socks.values():
+                sock.close()
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"entrypoints.{name}.address", f"cannot listen on {ep.address}: {reason}"
+            ) from None
+    return socks
+
+
+def _tick_for(config: Config) -> float:
+    """The ticker period: a quarter of the shortest timeout, between 20 ms and 1 s."""
+    t = config.timeouts
+    return max(0.02, min(1.0, min(t.head, t.idle, t.body, t.upstream_connect) / 4))
+
+
+def _write_status(fd: int, word: str, generation: int | None, reason: str) -> None:
+    parts = [str(os.getpid()), word]
+    if generation is not None:
+        parts.append(str(generation))
+    if reason:
+        parts.append(" ".join(reason.split()))  # one line
+    try:
+        os.write(fd, (" ".join(parts) + "\n").encode())
+    except OSError:
+        pass  # the supervisor is gone; stdin closing tells us to stop
+
+
+async def _main(
+    config: Config,
+    generation: int,
+    control_fd: int | None,
+    status_fd: int | None,
+    pending: bytes = b"",
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # Reloads come through the supervisor; a stray SIGHUP must not kill the worker.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    try:
+        worker = Worker(config, generation, status_fd, stop)
+        await worker.start()
+    except ConfigError as exc:
+        reason = "; ".join(exc.lines())
+        log.error("worker %d: cannot start: %s", os.getpid(), reason)
+        if status_fd is not None:
+            _write_status(status_fd, "failed", generation, reason)
+        return EXIT_START_FAILED
+    if control_fd is not None:
+        worker.listen_control(control_fd, pending)
+    worker.status("ready", generation)
+    await stop.wait()
+    log.info("worker %d: draining (up to %gs)", os.getpid(), worker.config.drain_timeout)
+    left = await worker.drain(worker.config.drain_timeout)
+    if left:
+        log.warning("worker %d: drain deadline reached, closing %d connections", os.getpid(), left)
+    log.info("worker %d: stopped", os.getpid())
+    return 0
+
+
+def run_worker(
+    config: Config,
+    generation: int = 1,
+    control_fd: int | None = None,
+    status_fd: int | None = None,
+    pending: bytes = b"",
+) -> int:
+    """Run a worker until it is told to stop; returns the exit code."""
+    return uvloop.run(_main(config, generation, control_fd, status_fd, pending))
+
+
+def config_payload(config: Config) -> dict[str, Any]:
+    """The plain-data form of a validated config, as sent to workers."""
+    return config.model_dump(mode="json")
+
+
+def _read_first_line(fd: int) -> tuple[bytes, bytes]:
+    """The first line on `fd` (blocking) and whatever was read after it."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"", b""
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    return line, rest
+
+
+def main() -> int:
+    """`python -m fastgate.server.worker`: the supervisor's child (see the module docstring)."""
+    status_fd = os.dup(1)
+    os.dup2(2, 1)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    first, pending = _read_first_line(0)
+    if not first:
+        return EXIT_START_FAILED
+    try:
+        msg = json.loads(first)
+        generation = int(msg.get("generation", 1))
+        config = parse_config(msg["config"])
+    except ConfigError as exc:
+        reason = "; ".join(exc.lines())
+        log.error("worker %d: cannot start: %s", os.getpid(), reason)
+        _write_status(status_fd, "failed", None, reason)
+        return EXIT_START_FAILED
+    except (ValueError, KeyError, TypeError) as exc:
+        _write_status(status_fd, "failed", None, f"bad start message: {exc}")
+        return EXIT_START_FAILED
+    logging.getLogger().setLevel(config.log_level.upper())
+    os.set_blocking(0, False)
+    return run_worker(config, generation, control_fd=0, status_fd=status_fd, pending=pending)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
