@@ -8,7 +8,30 @@ BENCH_TARGETS ?= origin,nginx,haproxy,fastgate
 BENCH_ARGS ?=
 BENCH = $(PYTHON) benchmarks/run.py --targets $(BENCH_TARGETS)
 
-.PHONY: bench bench-quick
+.PHONY: help build test lint bench bench-quick pycalls
+
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make build       rebuild the Cython extensions in place (FASTGATE_DEBUG=1 for linetrace)"
+	@echo "make test        run the test suite (as CI does, without the installs)"
+	@echo "make lint        ruff check + format check"
+	@echo "make bench       benchmarks vs nginx and HAProxy (a few minutes; needs nginx haproxy wrk)"
+	@echo "make bench-quick one short round, to check the benchmark setup"
+	@echo "make pycalls     Python calls per proxied request"
+
+build:
+	$(PYTHON) setup.py build_ext --inplace
+
+test:
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check fastgate tests benchmarks
+	ruff format --check fastgate tests benchmarks
+
+pycalls:
+	PYTHONPATH=. $(PYTHON) benchmarks/pycalls.py
 
 # Default set: 3 interleaved rounds of 5 s runs, 12 B and 16 KiB, 50 and 200 connections.
 bench:

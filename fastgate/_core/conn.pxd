@@ -25,7 +25,7 @@ cdef enum TimerKind:
     T_HEAD = 1         # client head read (408)
     T_IDLE = 2         # keep-alive idle between requests (silent close)
     T_BODY = 3         # idle gap in the request body (408)
-    T_UPSTREAM = 4     # upstream response head / idle gap in its body (504 or abort)
+    T_UPSTREAM = 4     # upstream connect (502), response head (504), idle gap in its body (abort)
     T_SEND = 5         # the client does not read what we send (abort)
 
 cdef class Engine:
@@ -139,6 +139,7 @@ cdef class ConnCore:
     cdef Py_ssize_t up_scan
     cdef bint resp_started
     cdef bint close_after
+    cdef bint eof                          # the client half-closed; close once idle
     cdef bint retried
     cdef int read_pause
     cdef bint write_paused

@@ -30,9 +30,13 @@ into a tunnel when the client asked for that upgrade.
 Timers: one coarse ticker per worker walks the live connections (Engine.tick); each connection
 keeps one deadline and what it guards (TimerKind). No call_later per request.
 
-Upstream connections live in a per-server LIFO idle pool; a reused connection that dies
-before answering a body-less request is retried once on a fresh connection (the keep-alive
+Upstream connections live in a per-server LIFO idle pool; one goes back to the pool only
+after a delimited response that did not announce `Connection: close`. A reused connection that
+dies before answering a body-less request is retried once on a fresh connection (the keep-alive
 race of RFC 9112 §9.3.1), nothing else is retried here.
+
+A client's FIN is a half-close (RFC 9112 §9.6): the requests it completed before it are still
+answered, in order, then the connection closes; inside a tunnel the FIN is passed upstream.
 """
 
 import asyncio
@@ -417,7 +421,11 @@ cdef class ConnCore:
             self.abort()          # the body can never complete
             return False
         if self.rs != RS_NONE or self.rq == RQ_DISPATCH:
-            self.close_after = True
+            # Requests already received (pipelined behind this one) are still answered;
+            # finish_exchange closes once none is left.
+            self.eof = True
+            if PyByteArray_GET_SIZE(self.inbuf) == 0:
+                self.close_after = True
             return True
         return False
 
@@ -779,6 +787,8 @@ cdef class ConnCore:
                 self.resp_chunks.reset()
             tail = self.resp_chunks.scan(p + pos, n - pos)
             if tail < 0:
+                # Nothing has gone to the client yet: it gets a clean 502, not a cut connection.
+                self.resp_started = False
                 self.upstream_failed(502, "bad chunked framing from upstream")
                 return
             done = self.resp_chunks.done
@@ -913,6 +923,12 @@ cdef class ConnCore:
         self.set_read_pause(PAUSE_PIPELINE, False)
         if PyByteArray_GET_SIZE(self.inbuf) and not self.in_consume:
             self.drain_inbuf()
+        if self.eof and self.rq == RQ_HEAD and not self.in_consume:
+            # The client half-closed and every complete request it sent has been answered.
+            self.rq = RQ_CLOSED
+            self.timer = T_NONE
+            if self.transport is not None:
+                self.transport.close()
 
     # ---- errors and timers -----------------------------------------------------------------
 
@@ -966,7 +982,12 @@ cdef class ConnCore:
         elif kind == T_BODY:
             self.upstream_failed(408, "request body timeout")
         elif kind == T_UPSTREAM:
-            self.upstream_failed(504, "upstream timeout")
+            if self.up is not None and not self.up.connected:
+                # Still connecting: the server is unreachable, as documented for
+                # timeouts.upstream_connect (502), not slow to answer (504).
+                self.upstream_failed(502, "upstream connect timeout")
+            else:
+                self.upstream_failed(504, "upstream timeout")
         elif kind == T_SEND:
             self.abort()
 

@@ -47,7 +47,8 @@ cdef class Head:
     cdef Py_ssize_t line_end              # offset of the CRLF that ends the start line
     cdef uint32_t *offs                   # 4 per header: name start, name end, value start,
                                           #   value end (value trimmed of OWS); into raw
-    cdef uint8_t *flags                   # n_headers HeaderFlag bit sets
+    cdef uint8_t *flags                   # n_headers HeaderFlag bit sets (same PyMem block
+                                          #   as offs, freed with it in __dealloc__)
     cdef readonly bytes upgrade           # Upgrade value when Connection names upgrade, else None
     cdef Py_ssize_t find(self, const char *name, Py_ssize_t nlen)   # index or -1; name lowercase
 

@@ -75,7 +75,7 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy, memset
 
 from fastgate.errors import HttpError
 
@@ -387,6 +387,12 @@ cdef struct _Scan:
     bint expect_continue
 
 
+cdef inline void _scan_init(_Scan *st) noexcept nogil:
+    memset(st, 0, sizeof(_Scan))
+    st.host_idx = -1
+    st.upgrade_idx = -1
+
+
 cdef int _content_length(const unsigned char *b, Py_ssize_t vs, Py_ssize_t ve,
                          _Scan *st) noexcept nogil:
     # RFC 9112 §6.2/§6.3 item 5: 1*DIGIT; a list of identical values stands for one value.
@@ -504,16 +510,13 @@ cdef int _scan_fields(const unsigned char *b, Py_ssize_t pos, Py_ssize_t n,
         ns = pos
         while _TCHAR[b[pos]]:
             pos += 1
-        if b[pos] != b':':
-            if pos == ns:
-                last_error_reason = b"invalid header name"
-            elif b[pos] == b' ' or b[pos] == b'\t':
-                last_error_reason = b"whitespace before colon"
+        if b[pos] != b':' or pos == ns:
+            if pos > ns and (b[pos] == b' ' or b[pos] == b'\t'):
+                last_error_reason = b"whitespace before colon"     # RFC 9112 §5.1
+            elif pos == ns and b[pos] == b':':
+                last_error_reason = b"empty header name"
             else:
                 last_error_reason = b"invalid header name"
-            return -1
-        if pos == ns:
-            last_error_reason = b"empty header name"
             return -1
         ne = pos
         pos += 1
@@ -889,7 +892,7 @@ cdef int _request(RequestHead h, bytes raw, Limits limits) except -1:
     cdef Py_ssize_t n, pos, mend, ts, te, q, line_end, vs, ve, auth_s, auth_e, path_s
     cdef int version, r
     cdef bint absolute = False
-    cdef const unsigned char *lf_q
+    cdef const unsigned char *qp
     cdef bytes method, target, path, query, host, upgrade
 
     if raw is None:
@@ -970,23 +973,12 @@ cdef int _request(RequestHead h, bytes raw, Limits limits) except -1:
             return -400
         absolute = True
         path_s = auth_e
-    lf_q = <const unsigned char *>memchr(b + path_s, b'?', te - path_s)
-    if lf_q != NULL:
-        q = lf_q - b
+    qp = <const unsigned char *>memchr(b + path_s, b'?', te - path_s)
+    if qp != NULL:
+        q = qp - b
 
     # field lines (RFC 9112 §5)
-    st.n = 0
-    st.host_count = 0
-    st.host_idx = -1
-    st.upgrade_idx = -1
-    st.cl_count = 0
-    st.cl_value = 0
-    st.te_count = 0
-    st.te_chunked = 0
-    st.te_other = 0
-    st.te_last_chunked = False
-    st.conn_close = st.conn_keep_alive = st.conn_upgrade = st.conn_other = False
-    st.expect_continue = False
+    _scan_init(&st)
     r = _scan_fields(b, line_end + 2, n, offs, flags, limits.max_headers, &st)
     if r == -2:
         return -431
@@ -1056,7 +1048,8 @@ cdef int _request(RequestHead h, bytes raw, Limits limits) except -1:
         else:
             path = _slice(raw, ts, q)
             query = _slice(raw, q + 1, te)
-    if st.conn_upgrade and st.upgrade_idx >= 0:
+    # RFC 9110 §7.8: a server MUST ignore Upgrade received in an HTTP/1.0 request.
+    if st.conn_upgrade and st.upgrade_idx >= 0 and version == 11:
         upgrade = _slice(raw, offs[4 * st.upgrade_idx + 2], offs[4 * st.upgrade_idx + 3])
     else:
         upgrade = None
@@ -1135,18 +1128,7 @@ cdef int _response(ResponseHead h, bytes raw, bint head_request) except -1:
         last_error_reason = b"invalid status-line"
         return -502
 
-    st.n = 0
-    st.host_count = 0
-    st.host_idx = -1
-    st.upgrade_idx = -1
-    st.cl_count = 0
-    st.cl_value = 0
-    st.te_count = 0
-    st.te_chunked = 0
-    st.te_other = 0
-    st.te_last_chunked = False
-    st.conn_close = st.conn_keep_alive = st.conn_upgrade = st.conn_other = False
-    st.expect_continue = False
+    _scan_init(&st)
     r = _scan_fields(b, line_end + 2, n, offs, flags, MAX_HEADERS_CAP, &st)
     if r < 0:
         return -502

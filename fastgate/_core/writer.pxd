@@ -12,7 +12,8 @@ cdef class ForwardInfo:
 # Upstream request head: request line (origin-form, HTTP/1.1 or HTTP/1.0 for a 1.0 client),
 # end-to-end headers as sent, hop-by-hop and Connection-named ones dropped, untrusted
 # X-Forwarded-*/Forwarded dropped, then X-Forwarded-For/-Proto/-Host, optional Forwarded,
-# X-Request-ID (when not kept from the client), Connection/Upgrade for an upgrade, `extra`.
+# X-Request-ID (exactly one: `request_id`, which is the client's when it was kept; client
+# X-Request-ID lines are never copied), Connection/Upgrade for an upgrade, `extra`.
 cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
                               bint id_from_client, bytes extra)
 

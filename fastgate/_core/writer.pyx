@@ -141,7 +141,9 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
             # Trusted: keep proto/host/port as the proxy in front said; the XFF chain is done.
             if not fi.trusted or name_is(raw, off, "x-forwarded-for", 15):
                 continue
-        if (fl & HF_REQUEST_ID) and not id_from_client:
+        if fl & HF_REQUEST_ID:
+            # Written once below: the client's kept id or ours. Copying the client's lines
+            # would pass on extra ids, and ones that failed the token check.
             continue
         if (fl & HF_HOST) and h.absolute_form:
             continue
@@ -177,10 +179,9 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
             o = put_bytes(o, host)
             o = put(o, "\"", 1)
         o = put(o, "\r\n", 2)
-    if not id_from_client:
-        o = put(o, "X-Request-ID: ", 14)
-        o = put_bytes(o, request_id)
-        o = put(o, "\r\n", 2)
+    o = put(o, "X-Request-ID: ", 14)
+    o = put_bytes(o, request_id)
+    o = put(o, "\r\n", 2)
     if h.upgrade is not None:
         o = put(o, "Connection: upgrade\r\nUpgrade: ", 30)
         o = put_bytes(o, h.upgrade)

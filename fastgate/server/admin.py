@@ -54,7 +54,7 @@ async def start_admin(address: str, status: Callable[[], dict[str, Any]]) -> asy
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
-            TimeoutError,
+            asyncio.TimeoutError,  # not the builtin before Python 3.11
             ConnectionError,
         ):
             writer.close()

@@ -27,7 +27,12 @@ def bind(address: str, backlog: int) -> socket.socket:
 
 
 def check_bindable(address: str) -> str | None:
-    """None when `address` can be listened on, else the reason (checked before forking)."""
+    """None when `address` can be listened on, else the reason (checked before forking).
+
+    The test bind uses SO_REUSEPORT like the workers, so an address held by another gateway
+    of the same user is not "in use": a second instance may start beside the first and take
+    over its traffic (a hand-over); anything else listening there is reported.
+    """
     try:
         bind(address, 1).close()
     except OSError as exc:

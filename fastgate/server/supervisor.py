@@ -150,6 +150,8 @@ class Supervisor:
         self._send(handle, {"op": "start", "generation": self.generation, "config": self.payload})
         self._spawn(self._watch(handle))
         log.info("worker %d started (generation %d)", handle.pid, self.generation)
+        if self.stopping:  # stop() came while it was being spawned
+            _signal(handle, signal.SIGTERM)
         return handle
 
     def _send(self, handle: WorkerHandle, msg: dict[str, Any]) -> None:
@@ -408,7 +410,7 @@ class Supervisor:
         try:
             await asyncio.wait_for(self.done.wait(), timeout)
             return 0
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             pass
         stuck = list(self.workers)
         for handle in stuck:
@@ -416,7 +418,7 @@ class Supervisor:
             _signal(handle, signal.SIGKILL)
         try:
             await asyncio.wait_for(self.done.wait(), 5)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             log.error("workers %s did not exit", [w.pid for w in self.workers])
         return len(stuck)
 

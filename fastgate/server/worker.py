@@ -4,10 +4,11 @@ The worker owns an Engine (timers, pools, counters) and one Runtime per config g
 
 Talking to the supervisor: control messages arrive on stdin as JSON lines, `start` first (the
 config to serve and its generation), then `reload` (a newer config, already validated and
-compiled once by the supervisor). Status goes back as text lines `<pid> <word> [<generation>]
+compiled once by the supervisor). Status goes back as text lines `<pid> <word> <generation>
 [<reason>]` on a private duplicate of the original stdout: `ready`, `reloaded`,
-`reload-failed`, `failed` (could not start; exit status 3). File descriptor 1 is pointed at
-stderr before anything else runs, so a stray print() cannot corrupt the status stream.
+`reload-failed`, `failed` (could not start; exit status 3; generation 0 when unknown). File
+descriptor 1 is pointed at stderr before anything else runs, so a stray print() cannot
+corrupt the status stream.
 
 Reload: compile the new Runtime and bind any new listener addresses first; only when both
 succeed is each entrypoint's `cfg` swapped, so a failure keeps the running generation whole.
@@ -27,13 +28,14 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 import uvloop
 
 from fastgate._core.conn import DownstreamProtocol, Engine, EntryPoint
 from fastgate.config.compile import Runtime, compile_runtime
-from fastgate.config.schema import Config, parse_config
+from fastgate.config.schema import Config, Entrypoint, parse_config
 from fastgate.errors import ConfigError
 from fastgate.server.dispatch import dispatch
 from fastgate.server.listener import bind
@@ -67,10 +69,11 @@ class Worker:
         self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._pending = b""
         self._control_fd: int | None = None
+        self._applier: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bind every entrypoint (all or none) and start serving."""
-        socks = _bind_all(self.config, self.config.entrypoints)
+        socks = _bind_all(self.config.entrypoints)
         for name, sock in socks.items():
             await self._serve(name, sock)
 
@@ -93,7 +96,7 @@ class Worker:
             if name not in self.servers or self.servers[name][0] != ep.address
         }
         try:
-            socks = _bind_all(config, changed)
+            socks = _bind_all(changed)
         except ConfigError:
             runtime.retire()
             raise
@@ -124,7 +127,7 @@ class Worker:
         self._pending = pending
         self._split_messages()
         self.loop.add_reader(fd, self._on_control)
-        self.loop.create_task(self._apply_messages())
+        self._applier = self.loop.create_task(self._apply_messages())
 
     def _on_control(self) -> None:
         assert self._control_fd is not None
@@ -174,7 +177,7 @@ class Worker:
             else:
                 self.status("reloaded", generation)
 
-    def status(self, word: str, generation: int | None = None, reason: str = "") -> None:
+    def status(self, word: str, generation: int, reason: str = "") -> None:
         """One status line to the supervisor (a no-op when run without one)."""
         if self.status_fd is None:
             return
@@ -204,7 +207,7 @@ class Worker:
         return left
 
 
-def _bind_all(config: Config, entrypoints: dict[str, Any]) -> dict[str, socket.socket]:
+def _bind_all(entrypoints: Mapping[str, Entrypoint]) -> dict[str, socket.socket]:
     """Listening sockets for `entrypoints`, all or none: ConfigError names the address key."""
     socks: dict[str, socket.socket] = {}
     for name, ep in entrypoints.items():
@@ -226,10 +229,8 @@ def _tick_for(config: Config) -> float:
     return max(0.02, min(1.0, min(t.head, t.idle, t.body, t.upstream_connect) / 4))
 
 
-def _write_status(fd: int, word: str, generation: int | None, reason: str) -> None:
-    parts = [str(os.getpid()), word]
-    if generation is not None:
-        parts.append(str(generation))
+def _write_status(fd: int, word: str, generation: int, reason: str) -> None:
+    parts = [str(os.getpid()), word, str(generation)]
     if reason:
         parts.append(" ".join(reason.split()))  # one line
     try:
@@ -318,10 +319,10 @@ def main() -> int:
     except ConfigError as exc:
         reason = "; ".join(exc.lines())
         log.error("worker %d: cannot start: %s", os.getpid(), reason)
-        _write_status(status_fd, "failed", None, reason)
+        _write_status(status_fd, "failed", 0, reason)
         return EXIT_START_FAILED
     except (ValueError, KeyError, TypeError) as exc:
-        _write_status(status_fd, "failed", None, f"bad start message: {exc}")
+        _write_status(status_fd, "failed", 0, f"bad start message: {exc}")
         return EXIT_START_FAILED
     logging.getLogger().setLevel(config.log_level.upper())
     os.set_blocking(0, False)

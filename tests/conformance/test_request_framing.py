@@ -204,6 +204,24 @@ ACCEPTED = [
         id="Upgrade not named by Connection is ignored",
     ),
     pytest.param(
+        req(b"GET / HTTP/1.0", HOST, b"Connection: Upgrade", b"Upgrade: websocket"),
+        {"version": 10, "keep_alive": False},
+        id="Upgrade in HTTP/1.0 is ignored (RFC 9110 §7.8 MUST ignore)",
+    ),
+    pytest.param(
+        req(b"PUT /f HTTP/1.0", HOST, b"Expect: 100-continue", b"Content-Length: 1"),
+        {
+            "method": b"PUT",
+            "target": b"/f",
+            "path": b"/f",
+            "version": 10,
+            "keep_alive": False,
+            "framing": LENGTH,
+            "content_length": 1,
+        },
+        id="Expect 100-continue in HTTP/1.0 is ignored (RFC 9110 §10.1.1 MUST ignore)",
+    ),
+    pytest.param(
         req(b"PUT /f HTTP/1.1", HOST, b"Expect: 100-continue", b"Content-Length: 1"),
         {
             "method": b"PUT",
