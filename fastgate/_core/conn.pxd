@@ -13,6 +13,7 @@ cdef enum ReqState:
     RQ_SENT = 3        # request fully sent; waiting for the response to finish
     RQ_TUNNEL = 4      # after 101 Switching Protocols: bytes relayed both ways
     RQ_CLOSED = 5
+    RQ_LINGER = 6      # error reply sent, FIN sent; discarding input until EOF or deadline
 
 cdef enum RespState:
     RS_NONE = 0        # no exchange in flight
@@ -27,6 +28,7 @@ cdef enum TimerKind:
     T_BODY = 3         # idle gap in the request body (408)
     T_UPSTREAM = 4     # upstream connect (502), response head (504), idle gap in its body (abort)
     T_SEND = 5         # the client does not read what we send (abort)
+    T_LINGER = 6       # end of the lingering close
 
 cdef class Engine:
     cdef readonly object loop
@@ -57,6 +59,7 @@ cdef class EntryConfig:
     cdef readonly bytes proto
     cdef readonly object trusted_nets      # tuple of ipaddress networks
     cdef readonly bint forwarded_header
+    cdef readonly Py_ssize_t max_held      # pipelined input held before reading pauses
 
 cdef class EntryPoint:
     cdef public EntryConfig cfg
@@ -146,6 +149,8 @@ cdef class ConnCore:
     cdef double deadline
     cdef int timer
     cdef readonly unsigned long long served
+    cdef bint linger                       # the next close lingers (an error may leave input)
+    cdef void close_client(self, bint linger)
 
     cdef long long req_seen               # chunked request bytes seen (max_body)
     cdef Py_ssize_t consume(self, object src, const char *p, Py_ssize_t n)

@@ -61,7 +61,7 @@ cdef enum:
     PAUSE_PIPELINE = 2         # pipelined input held while an exchange is in flight
     PAUSE_DISPATCH = 4         # a middleware is waiting on I/O
     MAX_RESPONSE_HEAD = 65536
-    MAX_HELD_INPUT = 262144    # pipelined bytes held before we stop reading
+    LINGER_MS = 2000           # after an error close, read and discard for this long
     TAIL_COPY_MAX = 65536      # body bytes sent in the same write as the response head
 
 cdef object _CONTINUE = None
@@ -100,12 +100,20 @@ cdef class Engine:
     def _tick(self):
         cdef ConnCore c
         cdef ServerPool p
+        cdef double late
         self.now = self.loop.time()
+        # Deadlines were set from a clock up to one period stale, so a timer is only due one
+        # period after its deadline: it never fires early, and at most two periods late.
+        late = self.now - self.tick_interval
         for c in list(self.conns):
-            if c.timer != T_NONE and self.now >= c.deadline:
+            if c.timer != T_NONE and late >= c.deadline:
                 c.tick(self.now)
         for p in self.pools:
             p.expire(self.now)
+        if any((<ServerPool>p).closed and (<ServerPool>p).active == 0 for p in self.pools):
+            # Retired generations' pools: nothing lent out any more, forget them.
+            self.pools = [p for p in self.pools
+                          if not ((<ServerPool>p).closed and (<ServerPool>p).active == 0)]
         self.ticker = self.loop.call_later(self.tick_interval, self._tick)
 
     def set_tick_interval(self, double seconds):
@@ -121,6 +129,12 @@ cdef class Engine:
                 c.transport.close()
             else:
                 c.close_after = True
+
+    def abort_all(self):
+        """Reset every client connection still open (the drain deadline passed)."""
+        cdef ConnCore c
+        for c in list(self.conns):
+            c.abort()
 
     def close(self):
         """Stop the ticker and close every idle upstream connection."""
@@ -144,8 +158,10 @@ cdef class Engine:
 cdef class EntryConfig:
     def __init__(self, Router router, Limits limits, double head_timeout=10.0,
                  double idle_timeout=60.0, double body_timeout=60.0, long long max_body=0,
-                 bytes proto=b"http", trusted_nets=(), bint forwarded_header=False):
+                 bytes proto=b"http", trusted_nets=(), bint forwarded_header=False,
+                 Py_ssize_t max_held=262144):
         self.router = router
+        self.max_held = max_held
         self.limits = limits
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
@@ -393,14 +409,14 @@ cdef class ConnCore:
             if self.up is not None:
                 self.up.send(data)
             return
-        if self.rq == RQ_CLOSED:
+        if self.rq >= RQ_CLOSED:
             return
         if PyByteArray_GET_SIZE(self.inbuf) == 0:
             n = PyBytes_GET_SIZE(data)
             self.in_consume = True
             used = self.consume(data, PyBytes_AS_STRING(data), n)
             self.in_consume = False
-            if used < n and self.rq != RQ_CLOSED:
+            if used < n and self.rq < RQ_CLOSED:
                 self.inbuf += data[used:]
                 self.hold_check()
         else:
@@ -410,6 +426,8 @@ cdef class ConnCore:
     def eof_received(self):
         # A half-closed client may still read its response (RFC 9112 §9.6): keep the
         # transport open while an exchange is in flight, close once it is done.
+        if self.rq == RQ_LINGER:
+            return False
         if self.rq == RQ_TUNNEL:
             # Pass the half-close through the tunnel; it ends when the upstream closes (its
             # connection_lost closes us). Without this both sides would wait forever.
@@ -460,18 +478,18 @@ cdef class ConnCore:
     # ---- client input ----------------------------------------------------------------------
 
     cdef void hold_check(self):
-        if PyByteArray_GET_SIZE(self.inbuf) > MAX_HELD_INPUT and self.rq != RQ_HEAD:
+        if PyByteArray_GET_SIZE(self.inbuf) > self.cfg.max_held and self.rq != RQ_HEAD:
             self.set_read_pause(PAUSE_PIPELINE, True)
 
     cdef void drain_inbuf(self):
         cdef Py_ssize_t used
-        if self.in_consume or self.rq == RQ_CLOSED:
+        if self.in_consume or self.rq >= RQ_CLOSED:
             return
         self.in_consume = True
         used = self.consume(self.inbuf, PyByteArray_AS_STRING(self.inbuf),
                             PyByteArray_GET_SIZE(self.inbuf))
         self.in_consume = False
-        if self.rq == RQ_CLOSED:
+        if self.rq >= RQ_CLOSED:
             return
         if used:
             del self.inbuf[:used]
@@ -551,7 +569,7 @@ cdef class ConnCore:
                                        h.method)
         if route is None:
             self.reply_error(404, "no route", h.framing != FRAMING_NONE)
-            return self.rq != RQ_CLOSED
+            return self.rq < RQ_CLOSED
         if cfg.max_body and h.framing == FRAMING_LENGTH and h.content_length > cfg.max_body:
             self.reply_error(413, "request body too large", True)
             return False
@@ -567,7 +585,7 @@ cdef class ConnCore:
             if verdict is not None:
                 return self.dispatch_verdict(verdict)
         self.forward()
-        return self.rq != RQ_CLOSED
+        return self.rq < RQ_CLOSED
 
     cdef bint dispatch_verdict(self, object verdict):
         # An awaitable: stop reading until it resolves. Anything else is a LocalReply.
@@ -577,10 +595,10 @@ cdef class ConnCore:
             fut.add_done_callback(self._dispatch_done)
             return True
         self.send_local(verdict)
-        return self.rq != RQ_CLOSED
+        return self.rq < RQ_CLOSED
 
     def _dispatch_done(self, fut):
-        if self.rq == RQ_CLOSED:
+        if self.rq >= RQ_CLOSED:
             return
         self.set_read_pause(PAUSE_DISPATCH, False)
         try:
@@ -886,7 +904,7 @@ cdef class ConnCore:
         if self.upbuf is not None:
             del self.upbuf[:]
         self.up_scan = 0
-        if self.resp_started or self.rq == RQ_CLOSED:
+        if self.resp_started or self.rq >= RQ_CLOSED:
             self.abort()
             return
         self.reply_error(status, message, self.rq != RQ_SENT)
@@ -902,7 +920,9 @@ cdef class ConnCore:
         self.served += 1
         self.rs = RS_NONE
         self.detach_up(reusable)
-        # While the request body is still arriving we cannot find the next request's start.
+        # While the request body is still arriving we cannot find the next request's start:
+        # close, lingering so the rest of the body does not reset the response away.
+        self.linger = self.rq != RQ_SENT
         self.finish_exchange(self.close_after or self.rq != RQ_SENT)
 
     cdef void finish_exchange(self, bint close):
@@ -912,10 +932,7 @@ cdef class ConnCore:
         self.up_head = None
         self.request_id = None
         if close:
-            self.rq = RQ_CLOSED
-            self.timer = T_NONE
-            if self.transport is not None:
-                self.transport.close()
+            self.close_client(self.linger)
             return
         self.rq = RQ_HEAD
         self.timer = T_IDLE
@@ -930,11 +947,42 @@ cdef class ConnCore:
             if self.transport is not None:
                 self.transport.close()
 
+    cdef void close_client(self, bint linger):
+        """Close the client connection; after an error, linger first.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy
+        the reply still in flight (a 413 sent while the client is uploading). So after an
+        error we send FIN (write_eof, after the reply is flushed), keep reading and discarding
+        for at most LINGER_MS, and close on the client's EOF or at that deadline.
+        """
+        self.timer = T_NONE
+        if self.transport is None:
+            self.rq = RQ_CLOSED
+            return
+        if not linger or self.eof or not self.transport.can_write_eof():
+            self.rq = RQ_CLOSED
+            self.transport.close()
+            return
+        self.rq = RQ_LINGER
+        del self.inbuf[:]
+        self.transport.write_eof()
+        if self.read_pause:
+            self.read_pause = 0
+            self.transport.resume_reading()
+        self.timer = T_LINGER
+        self.deadline = self.engine.now + LINGER_MS / 1000.0
+
+    def abort_now(self):
+        """Reset the connection at once (the drain deadline passed)."""
+        self.abort()
+
     # ---- errors and timers -----------------------------------------------------------------
 
     cdef void reply_error(self, int status, str message, bint close):
         cdef bint head_only = self.head is not None and self.head.method == b"HEAD"
         close = close or self.close_after or self.rq == RQ_BODY
+        # Unread input may follow an error: linger rather than reset the reply away.
+        self.linger = close
         if self.request_id is None:
             self.request_id = self.engine.next_request_id()
         self.engine.errors += 1
@@ -960,7 +1008,7 @@ cdef class ConnCore:
             self.read_pause |= reason
         else:
             self.read_pause &= ~reason
-        if self.transport is None or self.rq == RQ_CLOSED:
+        if self.transport is None or self.rq >= RQ_CLOSED:
             return
         if before == 0 and self.read_pause != 0:
             self.transport.pause_reading()
@@ -990,6 +1038,9 @@ cdef class ConnCore:
                 self.upstream_failed(504, "upstream timeout")
         elif kind == T_SEND:
             self.abort()
+        elif kind == T_LINGER:
+            self.rq = RQ_CLOSED
+            self.transport.close()
 
     @property
     def state(self):

@@ -159,6 +159,7 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             proto=b"http",
             trusted_nets=ep.forwarded.networks(),
             forwarded_header=ep.forwarded.forwarded_header,
+            max_held=config.limits.max_pipeline_bytes,
         )
     runtime = Runtime(config, entries, services, tuple(pools))
     if errors:

@@ -66,7 +66,7 @@ def summarize(config: Config, source: str) -> list[str]:
         f"client timeouts: head {_seconds(t.head)}, idle {_seconds(t.idle)}, "
         f"body {_seconds(t.body)}; drain {_seconds(config.drain_timeout)}",
         f"limits: head {lim.max_head_bytes} bytes, {lim.max_headers} headers, target "
-        f"{lim.max_target} bytes, body {body}, {lim.max_pipelined} pipelined",
+        f"{lim.max_target} bytes, body {body}, {lim.max_pipeline_bytes} bytes pipelined",
         f"admin: {config.admin.address}" if config.admin.enabled else "admin: disabled",
     ]
     if config.demo_origin.enabled:

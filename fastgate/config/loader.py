@@ -123,7 +123,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("FASTGATE_MAX_HEADERS", "limits.max_headers", "int"),
     EnvVar("FASTGATE_MAX_TARGET", "limits.max_target", "int"),
     EnvVar("FASTGATE_MAX_BODY_BYTES", "limits.max_body_bytes", "int"),
-    EnvVar("FASTGATE_MAX_PIPELINED", "limits.max_pipelined", "int"),
+    EnvVar("FASTGATE_MAX_PIPELINE_BYTES", "limits.max_pipeline_bytes", "int"),
     EnvVar("FASTGATE_HEAD_TIMEOUT", "timeouts.head", "float"),
     EnvVar("FASTGATE_IDLE_TIMEOUT", "timeouts.idle", "float"),
     EnvVar("FASTGATE_BODY_TIMEOUT", "timeouts.body", "float"),

@@ -224,8 +224,11 @@ class Limits(_Model):
     max_headers: int = Field(100, ge=1, le=512, description="header fields per request; 431")
     max_target: int = Field(8192, ge=16, le=1 << 20, description="request-target bytes; 414")
     max_body_bytes: int = Field(0, ge=0, description="request body bytes; 413; 0 = unlimited")
-    max_pipelined: int = Field(
-        100, ge=1, le=100_000, description="requests queued on one connection"
+    max_pipeline_bytes: int = Field(
+        262144,
+        ge=256,
+        le=1 << 30,
+        description="pipelined input held per connection before reading pauses",
     )
 
 

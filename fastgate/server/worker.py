@@ -186,8 +186,8 @@ class Worker:
     # ---- draining --------------------------------------------------------------------------
 
     async def drain(self, timeout: float) -> int:
-        """Stop accepting, finish in-flight requests; returns how many were cut at the
-        deadline (the caller's exit closes them)."""
+        """Stop accepting, finish in-flight requests; returns how many were cut (reset) at
+        the deadline."""
         for _, server in self.servers.values():
             server.close()
         self.servers.clear()
@@ -202,6 +202,7 @@ class Worker:
                 self.engine.start_drain()
                 next_sweep = self.loop.time() + _REDRAIN_INTERVAL
         left = len(self.engine.conns)
+        self.engine.abort_all()
         self.engine.close()
         self.runtime.retire()
         return left

@@ -8,6 +8,7 @@ trusted (RFC 9112 §9.6, §11.2).
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -317,6 +318,43 @@ def test_content_length_over_limit_is_413(strict: Gateway) -> None:
     assert doc["error"] == "request body too large"
     assert closed
     assert_serves(strict.addr)
+
+
+def test_413_reaches_a_client_that_keeps_uploading(strict: Gateway) -> None:
+    # The gateway answers 413 at the head while the client goes on sending 8 MiB before it
+    # reads anything, as an uploader does: the reply must arrive whole, then the close.
+    total = 8 << 20
+    received = b""
+    with socket.create_connection(strict.addr, timeout=10) as sock:
+        sock.sendall(build_request("POST", "/echo", {"Content-Length": str(total)}))
+        try:
+            sock.sendall(b"u" * total)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except ConnectionResetError:
+            pass
+    assert received.startswith(b"HTTP/1.1 413 "), received[:200]
+    assert received.endswith(b"}\n")
+    assert_serves(strict.addr)
+
+
+def test_error_close_lingers_instead_of_resetting(strict: Gateway) -> None:
+    # After an error reply the gateway half-closes (FIN) and goes on reading and discarding,
+    # so a client still sending is not reset: closing a socket with unread input makes the
+    # kernel send RST and drop the reply's unsent bytes on a real network (RFC 9112 §9.6).
+    with socket.create_connection(strict.addr, timeout=5) as sock:
+        sock.sendall(build_request("POST", "/echo", {"Content-Length": "100000"}) + b"v" * 1000)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+        assert received.startswith(b"HTTP/1.1 413 ")
+        time.sleep(0.2)
+        for _ in range(3):
+            sock.sendall(b"v" * 20000)  # raises ConnectionResetError / EPIPE after an RST
+            time.sleep(0.05)
 
 
 def test_content_length_at_limit_passes(strict: Gateway) -> None:

@@ -56,7 +56,7 @@ def errors_of(data: Any) -> list[tuple[str, str]]:
         pytest.param("limits.max_headers", 100, id="max headers"),
         pytest.param("limits.max_target", 8192, id="max target"),
         pytest.param("limits.max_body_bytes", 0, id="body unlimited"),
-        pytest.param("limits.max_pipelined", 100, id="max pipelined"),
+        pytest.param("limits.max_pipeline_bytes", 262144, id="max pipeline bytes"),
         pytest.param("timeouts.head", 10.0, id="head timeout"),
         pytest.param("timeouts.idle", 60.0, id="idle timeout"),
         pytest.param("timeouts.body", 60.0, id="body timeout"),
