@@ -45,6 +45,7 @@ import socket
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from libc.string cimport memcpy
 
 from fastgate._core.httphead cimport (
     RequestHead, ResponseHead, Limits, find_head_end, parse_request_head, parse_response_head,
@@ -84,15 +85,17 @@ cdef class Engine:
         self.ticker = loop.call_later(tick_interval, self._tick)
 
     cdef bytes next_request_id(self):
-        cdef char buf[16]
+        # 32 hex digits: 16 random per worker, then a 64-bit counter. Unique, not secret.
+        cdef char buf[32]
         cdef unsigned long long v
         cdef int i
+        memcpy(buf, PyBytes_AS_STRING(self.rid_prefix), 16)
         self.rid_counter += 1
         v = self.rid_counter
-        for i in range(15, -1, -1):
+        for i in range(31, 15, -1):
             buf[i] = b"0123456789abcdef"[v & 15]
             v >>= 4
-        return self.rid_prefix + PyBytes_FromStringAndSize(buf, 16)
+        return PyBytes_FromStringAndSize(buf, 32)
 
     cdef void register_pool(self, ServerPool pool):
         self.pools.append(pool)
