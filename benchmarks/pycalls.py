@@ -112,6 +112,13 @@ def measure(port: int, path: str, n: int) -> tuple[float, collections.Counter[st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument(
+        "--budget",
+        type=float,
+        nargs=2,
+        metavar=("PLAIN", "CHAIN"),
+        help="exit 1 when a scenario makes more Python calls per request than this",
+    )
     args = ap.parse_args()
     oport, gport = free_port(), free_port()
     origin = subprocess.Popen(
@@ -156,6 +163,9 @@ def main() -> int:
             rows.append((name, per))
             top = ", ".join(f"{k}x{v / args.requests:.2f}" for k, v in counts.most_common(4))
             print(f"  {name:<28} {per:6.2f}   ({dt:.2f}s) {top}")
+        if args.budget and any(per > b for (_, per), b in zip(rows, args.budget, strict=True)):
+            print("over budget", args.budget)
+            return 1
         return 0
     finally:
         origin.terminate()
