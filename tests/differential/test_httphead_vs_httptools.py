@@ -7,8 +7,9 @@ and desync attacks do. Each input goes to both parsers:
   headers in order, keep-alive, framing and the decoded body, upgrade);
 - accepted by one only: the input must fall in a listed category below, each with the RFC
   9112 / 9110 rule behind it (and, when we refuse, the exact status). Anything else fails the
-  test with the input printed. The categories are judged from the input bytes, not from
-  either parser's answer, so a parser bug cannot classify itself away.
+  test with the input printed. The categories are judged from the input bytes (a few are
+  narrowed, never widened, by llhttp's complaint), not from our answer, so a bug in our parser
+  cannot classify itself away.
 
 llhttp runs in its default strict mode. Its findings are taken for the first message only:
 an error in bytes after a complete first message (a mutated Content-Length leaves some) is
@@ -49,7 +50,6 @@ SETTINGS = settings(
 # Grammar pieces (RFC 9110 §5.6.2 tchar, §5.5 field-vchar; RFC 3986 §3.3 pchar)
 
 TCHAR = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
-TCHAR_B = frozenset(TCHAR.encode())
 VALUE_CHARS = "".join(chr(c) for c in range(0x21, 0x7F)) + "".join(
     chr(c) for c in range(0x80, 0x100)
 )
@@ -99,10 +99,6 @@ def event(text: str) -> None:
     """Count an outcome in hypothesis statistics (pytest --hypothesis-show-statistics)."""
     if currently_in_test_context():
         _event(text)
-
-
-def note(text: str) -> None:
-    event(text)
 
 
 def is_token(value: bytes) -> bool:
@@ -211,15 +207,32 @@ class Ours:
     body: bytes = b""
 
 
+def check_prefixes(data: bytes, response: bool, end: int, status: int | None) -> None:
+    """The head parser is fed the whole buffer on every read, so each shorter buffer must give
+    (None, 0), or the same refusal as the whole input (a bare LF or NUL is seen early)."""
+    parse = parse_response if response else parse_request
+    for i in range(end):
+        try:
+            result = parse(data[:i])
+        except HttpError as exc:
+            assert exc.status == status, (data, i, exc)
+        else:
+            assert result == (None, 0), (data, i)
+
+
 def ours(data: bytes, response: bool = False) -> Ours:
     try:
         head, n = parse_response(data) if response else parse_request(data)
     except HttpError as exc:
+        check_prefixes(data, response, len(data), exc.status)
         return Ours("reject", exc.status, exc.reason)
     if head is None:
         assert n == 0
+        check_prefixes(data, response, len(data), None)
         return Ours("pending")
     assert n == len(head.raw) and data[:n] == head.raw
+    assert type(head.raw) is bytes
+    check_prefixes(data, response, n, None)
     rest = data[n:]
     if head.framing == CHUNKED:
         scanner = ChunkedScanner(collect=True)
@@ -244,7 +257,6 @@ def ours(data: bytes, response: bool = False) -> Ours:
 class Facts:
     data: bytes
     response: bool
-    complete: bool = False  # the input holds a CRLFCRLF
     start: bytes = b""
     parts: list[bytes] = field(default_factory=list)  # start line split on single SPs
     version: bytes = b""
@@ -266,7 +278,6 @@ class Facts:
 def analyse(data: bytes, response: bool = False) -> Facts:
     facts = Facts(data, response)
     end = data.find(b"\r\n\r\n")
-    facts.complete = end >= 0
     head = data if end < 0 else data[:end]
     facts.body = b"" if end < 0 else data[end + 4 :]
     lines = head.split(b"\r\n")
@@ -316,8 +327,12 @@ def chunk_lines(f: Facts) -> list[bytes]:
             return out
 
 
-def chunk_size_over_16_digits(f: Facts) -> bool:
-    return any(len(re.match(rb"[0-9A-Fa-f]*", line).group()) > 16 for line in chunk_lines(f))
+def chunk_size_too_big(f: Facts, s: Seen | None = None) -> bool:
+    for line in chunk_lines(f):
+        digits = re.match(rb"[0-9A-Fa-f]*", line).group()
+        if len(digits) > 16 or (digits and int(digits, 16) > 2**63 - 1):
+            return True
+    return False
 
 
 def chunk_exts(f: Facts) -> list[bytes]:
@@ -476,10 +491,6 @@ def chunk_ext_bws(f: Facts, s: Seen) -> bool:
     return bws and grammar and "chunk" in str(s.error)
 
 
-def response_final_chunked(f: Facts, s: Seen) -> bool:
-    return f.response and s.headers_done and te_codings(f)[-1:] == [b"chunked"]
-
-
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -578,10 +589,10 @@ WE_REFUSE = [
         status_line_syntax,
     ),
     Rule(
-        "chunk-size over 16 hex digits",
-        "RFC 9112 §7.1: MUST prevent integer overflow; the scanner bounds a size to 16 digits, "
-        "leading zeros included",
-        lambda f, s: chunk_size_over_16_digits(f),
+        "chunk-size over 16 hex digits or 2**63-1",
+        "RFC 9112 §7.1: MUST prevent integer overflow; the scanner bounds a size to 16 digits "
+        "(leading zeros included) and to a signed 64-bit value",
+        chunk_size_too_big,
     ),
 ]
 
@@ -622,23 +633,10 @@ WE_ACCEPT = [
         "CL or TE say, so their values cannot desynchronise anything",
         bodiless_response_framing,
     ),
-    Rule(
-        "response TE with a final chunked",
-        "RFC 9112 §6.3 item 4: in a response, chunked as the final coding frames the body; the "
-        "other codings are relayed untouched",
-        response_final_chunked,
-    ),
 ]
 
 # Both accept, one field differs.
 FIELD_DIFFS = {
-    "keep_alive": [
-        Rule(
-            "TE in HTTP/1.0 closes",
-            "RFC 9112 §6.1: MUST close after an HTTP/1.0 message with Transfer-Encoding",
-            te_in_http10,
-        ),
-    ],
     "upgrade": [
         Rule(
             "Upgrade ignored in HTTP/1.0",
@@ -664,11 +662,18 @@ FIELD_DIFFS = {
 }
 
 
-def classify(rules: list[Rule], facts: Facts, seen: Seen, status: int | None = None) -> Rule | None:
+def classify(
+    rules: list[Rule], facts: Facts, seen: Seen, status: int | None = None, where: str = "head"
+) -> Rule | None:
+    """The first rule that covers the input (and, for a refusal, our status), or None."""
     for rule in rules:
-        if (status is None or status in rule.statuses or (facts.response and status == 502)) and (
-            rule.applies(facts, seen)
-        ):
+        if status is None:
+            fits = True
+        elif facts.response and where == "head":
+            fits = status == 502  # every response head fault: the gateway answers 502
+        else:
+            fits = status in rule.statuses
+        if fits and rule.applies(facts, seen):
             return rule
     return None
 
@@ -755,7 +760,8 @@ def differential(data: bytes, response: bool = False) -> str:
         mine = Ours("accept", head=mine.head)
 
     if mine.verdict != "accept" and seen.verdict != "reject":
-        rule = classify(WE_REFUSE, facts, seen, mine.status if mine.verdict == "reject" else None)
+        status = mine.status if mine.verdict == "reject" else None
+        rule = classify(WE_REFUSE, facts, seen, status, mine.where)
         assert rule is not None, f"we refuse, llhttp does not: unlisted\n{shown}"
         return f"we refuse: {rule.name}"
     if mine.verdict == "accept" and seen.verdict != "accept":
@@ -768,17 +774,18 @@ def differential(data: bytes, response: bool = False) -> str:
     want = expected_fields(data, seen, response)
     got = got_fields(head, want)
     assert head.n_headers == len(head.headers()), shown
+    differences = []
     for name, value in want.items():
         if got[name] != value:
             rule = classify(FIELD_DIFFS.get(name, []), facts, seen)
             assert rule is not None, f"{name}: ours {got[name]!r} llhttp {value!r}\n{shown}"
-            note(f"field difference: {rule.name}")
+            differences.append(rule.name)
     if not seen.upgraded:
         # Equal framing over equal bytes ends the message at the same place, with equal data.
         assert mine.complete == seen.complete, f"message end differs\n{shown}"
         if mine.complete or head.framing == CLOSE:
             assert mine.body == b"".join(seen.body), shown
-    return "both accept"
+    return "both accept" + "".join(f", but: {name}" for name in differences)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -790,6 +797,7 @@ class Message:
     lines: list[bytes]  # start line, then field lines
     body: bytes = b""
     chunked: bool = False
+    payload: bytes = b""  # the body's data, decoded
 
     def encode(self) -> bytes:
         return b"".join(line + b"\r\n" for line in self.lines) + b"\r\n" + self.body
@@ -841,19 +849,22 @@ targets = st.builds(
 )
 
 
+# Chunk extensions that follow §7.1.1; llhttp refuses the BWS in the last two, so only the
+# scanner's own differential uses those (in a message they would hide the head's verdict).
+EXTS = [b"", b"", b";a", b";a=b", b';n="q v"', b';k="\\""', b"; a", b" ;x=1;y"]
+
+
 @st.composite
-def chunked_bodies(draw, max_chunks: int = 5) -> tuple[bytes, bytes]:
+def chunked_bodies(draw, max_chunks: int = 5, exts: int = len(EXTS) - 2) -> tuple[bytes, bytes]:
     """(encoded body, payload): sizes in either case with leading zeros (16 digits at most),
-    extensions that follow §7.1.1, and trailer fields."""
+    extensions (the first `exts` of EXTS), and trailer fields."""
     chunks = draw(st.lists(st.binary(min_size=1, max_size=64), max_size=max_chunks))
     out = []
     for chunk in [*chunks, b""]:
         size = (b"%X" if draw(st.booleans()) else b"%x") % len(chunk)
         zeros = draw(st.integers(0, 16 - len(size))) if draw(st.booleans()) else 0
         digits = b"0" * zeros + size
-        ext = draw(
-            st.sampled_from([b"", b"", b";a", b";a=b", b';n="q v"', b" ;x=1;y", b';k="\\""'])
-        )
+        ext = draw(st.sampled_from(EXTS[:exts]))
         out.append(digits + ext + b"\r\n" + (chunk + b"\r\n" if chunk else b""))
     trailers = draw(st.lists(st.tuples(names, values()), max_size=2))
     out.extend(n + b": " + v.strip(OWS) + b"\r\n" for n, v in trailers)
@@ -892,16 +903,18 @@ def requests(draw) -> Message:
             ["none", "length", "chunked"] if version == b"HTTP/1.1" else ["none", "length"]
         )
     )
-    body = b""
+    body = payload = b""
     if kind == "length":
         body = draw(st.binary(max_size=80))
         fields.append(b"Content-Length: %d" % len(body))
     elif kind == "chunked":
-        body, _ = draw(chunked_bodies())
+        body, payload = draw(chunked_bodies())
         fields.append(b"Transfer-Encoding: chunked")
     fields = draw(st.permutations(fields))
     start = method + b" " + draw(targets) + b" " + version
-    return Message([start, *fields], body, kind == "chunked")
+    return Message(
+        [start, *fields], body, kind == "chunked", payload if kind == "chunked" else body
+    )
 
 
 @st.composite
@@ -915,20 +928,22 @@ def responses(draw) -> Message:
     kind = draw(
         st.sampled_from(kinds if version == b"HTTP/1.1" else [k for k in kinds if k != "chunked"])
     )
-    body = b""
+    body = payload = b""
     if kind == "length" and status in (204, 304):
         fields.append(b"Content-Length: %d" % draw(st.integers(0, 99)))  # no body follows
     elif kind == "length":
         body = draw(st.binary(max_size=80))
         fields.append(b"Content-Length: %d" % len(body))
     elif kind == "chunked":
-        body, _ = draw(chunked_bodies())
+        body, payload = draw(chunked_bodies())
         fields.append(b"Transfer-Encoding: chunked")
     elif kind == "close":
         body = draw(st.binary(max_size=80))
     fields = draw(st.permutations(fields))
     start = version + b" %d " % status + reason
-    return Message([start, *fields], body, kind == "chunked")
+    return Message(
+        [start, *fields], body, kind == "chunked", payload if kind == "chunked" else body
+    )
 
 
 # Mutations: each takes (draw, message) and returns the bytes to parse.
@@ -936,18 +951,28 @@ def responses(draw) -> Message:
 INTERESTING = b' \t\r\n\x00:;,"#?/@\x7f\x80\xff0aA'
 
 
+def _position(draw, msg: Message) -> int:
+    """An offset in the head (or the first body bytes), spread over the lines: hypothesis
+    favours small integers, which would put most mutations in the method."""
+    starts, pos = [], 0
+    for line in [*msg.lines, b""]:
+        starts.append((pos, len(line) + 2))
+        pos += len(line) + 2
+    if msg.body:
+        starts.append((pos, min(8, len(msg.body))))
+    start, length = draw(st.sampled_from(starts))
+    return start + draw(st.integers(0, length - 1))
+
+
 def m_flip(draw, msg: Message) -> bytes:
     data = bytearray(msg.encode())
-    head_len = len(msg.encode()) - len(msg.body)
-    i = draw(st.integers(0, head_len + min(8, len(msg.body)) - 1))
-    data[i] = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, 255)))
+    data[_position(draw, msg)] = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, 255)))
     return bytes(data)
 
 
 def m_insert(draw, msg: Message) -> bytes:
     data = msg.encode()
-    head_len = len(data) - len(msg.body)
-    i = draw(st.integers(0, head_len - 1))
+    i = _position(draw, msg)
     return data[:i] + bytes([draw(st.sampled_from(INTERESTING))]) + data[i:]
 
 
@@ -1253,7 +1278,9 @@ def test_well_formed_requests_agree(msg: Message) -> None:
     outcome = differential(data)
     event(outcome)
     # A well-formed request is accepted by us, except where a listed rule says otherwise.
-    assert outcome == "both accept" or outcome.startswith("we accept:"), (outcome, data)
+    assert outcome.startswith(("both accept", "we accept:")), (outcome, data)
+    mine = ours(data)
+    assert (mine.complete, mine.body) == (True, msg.payload), data
 
 
 @settings(SETTINGS, max_examples=800)
@@ -1279,7 +1306,10 @@ def test_well_formed_responses_agree(msg: Message) -> None:
     data = msg.encode()
     outcome = differential(data, response=True)
     event(outcome)
-    assert outcome == "both accept" or outcome.startswith("we accept:"), (outcome, data)
+    assert outcome.startswith(("both accept", "we accept:")), (outcome, data)
+    mine = ours(data, response=True)
+    assert mine.body == msg.payload, data
+    assert mine.complete is (mine.head.framing != CLOSE), data
 
 
 @settings(SETTINGS, max_examples=500)
@@ -1324,7 +1354,7 @@ def scan_three_ways(body: bytes) -> tuple[str, bytes]:
 
 @st.composite
 def chunk_inputs(draw) -> bytes:
-    body, _ = draw(chunked_bodies(max_chunks=4))
+    body, _ = draw(chunked_bodies(max_chunks=4, exts=len(EXTS)))
     if draw(st.booleans()):
         return body
     body = bytearray(body)
@@ -1340,6 +1370,7 @@ def chunk_inputs(draw) -> bytes:
 @settings(SETTINGS, max_examples=600)
 @given(chunk_inputs())
 @example(b"00000000000000001\r\na\r\n0\r\n\r\n")
+@example(b"8000000000000000\r\nabc")
 @example(b"1;\r\na\r\n0\r\n\r\n")
 def test_chunked_scanner_agrees_with_llhttp(body: bytes) -> None:
     verdict, payload = scan_three_ways(body)
@@ -1356,7 +1387,7 @@ def test_chunked_scanner_agrees_with_llhttp(body: bytes) -> None:
     elif verdict == "pending" and not seen.complete and seen.error is None:
         event("both wait")
     elif verdict == "reject":
-        rule = classify(WE_REFUSE, facts, seen, 400)
+        rule = classify(WE_REFUSE, facts, seen, 400, "body")
         assert rule is not None, f"we refuse, llhttp does not: unlisted\n{shown}"
         event(f"we refuse: {rule.name}")
     else:
@@ -1365,44 +1396,116 @@ def test_chunked_scanner_agrees_with_llhttp(body: bytes) -> None:
         event(f"we accept: {rule.name}")
 
 
-def test_differential_categories_are_all_distinct() -> None:
-    names_ = [r.name for r in WE_REFUSE + WE_ACCEPT]
-    assert len(names_) == len(set(names_))
-    assert all(r.why for r in WE_REFUSE + WE_ACCEPT)
+# One input per listed category (and per rule where llhttp happens to agree with us), with
+# the outcome it must have. A classifier that matched everything would let the properties
+# above pass vacuously; this table pins each rule to an input it is meant for.
+H = b"Host: a\r\n"
+TE = b"Transfer-Encoding: chunked\r\n"
+KNOWN = [
+    ("no Host", b"GET / HTTP/1.1\r\n\r\n", "we refuse: no Host"),
+    ("duplicate Host", b"GET / HTTP/1.1\r\n" + H + b"host: a\r\n\r\n", "we refuse: duplicate Host"),
+    ("bad Host value", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "we refuse: bad Host value"),
+    (
+        "CL with TE",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n" + TE + b"\r\n0\r\n\r\n",
+        "both refuse",
+    ),
+    ("TE in HTTP/1.0", b"POST / HTTP/1.0\r\n" + TE + b"\r\n0\r\n\r\n", "we refuse: TE in HTTP/1.0"),
+    (
+        "TE not a lone chunked",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        "we refuse: TE not a lone chunked",
+    ),
+    (
+        "malformed or differing Content-Length",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0000000000000000003\r\n\r\nabc",
+        "we refuse: malformed or differing Content-Length",
+    ),
+    ("obs-fold", b"GET / HTTP/1.1\r\n" + H + b"X: a\r\n b\r\n\r\n", "both refuse"),
+    ("whitespace before colon", b"GET / HTTP/1.1\r\n" + H + b"X : a\r\n\r\n", "both refuse"),
+    ("bare CR", b"\rGET / HTTP/1.1\r\n" + H + b"\r\n", "we refuse: bare CR"),
+    ("bare LF", b"\nGET / HTTP/1.1\r\n" + H + b"\r\n", "we refuse: bare LF"),
+    (
+        "leading empty line",
+        b"\r\nGET / HTTP/1.1\r\n" + H + b"\r\n",
+        "we refuse: leading empty line",
+    ),
+    ("unknown version", b"GET / HTTP/2.0\r\n" + H + b"\r\n", "we refuse: unknown version"),
+    ("request-line syntax", b"GET  / HTTP/1.1\r\n" + H + b"\r\n", "we refuse: request-line syntax"),
+    (
+        "request-target syntax",
+        b"GET http://u@h/p HTTP/1.1\r\n" + H + b"\r\n",
+        "we refuse: request-target syntax",
+    ),
+    ("CONNECT", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", "we refuse: CONNECT"),
+    (
+        "response version",
+        b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        "we refuse: response version",
+    ),
+    (
+        "status-line syntax",
+        b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n",
+        "we refuse: status-line syntax",
+    ),
+    (
+        "chunk-size over 16 hex digits or 2**63-1",
+        b"POST / HTTP/1.1\r\n" + H + TE + b"\r\n00000000000000001\r\na\r\n0\r\n\r\n",
+        "we refuse: chunk-size over 16 hex digits or 2**63-1",
+    ),
+    (
+        "identical duplicate Content-Length",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1\r\nContent-Length: 1\r\n\r\na",
+        "we accept: identical duplicate Content-Length",
+    ),
+    (
+        "empty Transfer-Encoding line or element",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: \r\n" + TE + b"\r\n0\r\n\r\n",
+        "we accept: empty Transfer-Encoding line or element",
+    ),
+    ("extension method", b"FOO / HTTP/1.1\r\n" + H + b"\r\n", "we accept: extension method"),
+    (
+        "chunk-ext not checked",
+        b"POST / HTTP/1.1\r\n" + H + TE + b"\r\n1;\r\na\r\n0\r\n\r\n",
+        "we accept: chunk-ext not checked",
+    ),
+    (
+        "BWS in chunk-ext",
+        b"POST / HTTP/1.1\r\n" + H + TE + b"\r\n1 ;a\r\na\r\n0\r\n\r\n",
+        "we accept: BWS in chunk-ext",
+    ),
+    (
+        "framing fields of a bodiless response",
+        b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: \r\n\r\n",
+        "we accept: framing fields of a bodiless response",
+    ),
+    (
+        "Upgrade ignored in HTTP/1.0",
+        b"GET / HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        "both accept, but: Upgrade ignored in HTTP/1.0",
+    ),
+    (
+        "fragment kept in path",
+        b"GET /a#f HTTP/1.1\r\n" + H + b"\r\n",
+        "both accept, but: fragment kept in path",
+    ),
+    (
+        "fragment kept in query",
+        b"GET /a?b#c HTTP/1.1\r\n" + H + b"\r\n",
+        "both accept, but: fragment kept in query",
+    ),
+    ("plain request", b"GET /a?b HTTP/1.1\r\n" + H + b"X:  v \r\n\r\n", "both accept"),
+]
 
 
-@pytest.mark.parametrize(
-    ("data", "outcome"),
-    [
-        pytest.param(b"GET / HTTP/1.1\r\n\r\n", "we refuse: no Host", id="no Host"),
-        pytest.param(
-            b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
-            "we refuse: duplicate Host",
-            id="two Hosts",
-        ),
-        pytest.param(
-            b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "we refuse: bad Host value", id="bad Host"
-        ),
-        pytest.param(
-            b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", "we refuse: unknown version", id="HTTP/2.0"
-        ),
-        pytest.param(
-            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na",
-            "we accept: identical duplicate Content-Length",
-            id="identical CLs",
-        ),
-        pytest.param(b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", "we accept: extension method", id="FOO"),
-        pytest.param(
-            b"GET /a?b HTTP/1.1\r\nHost: a\r\nX:  v \r\n\r\n", "both accept", id="plain request"
-        ),
-        pytest.param(
-            b"GET / HTTP/1.1\r\nHost: a\r\nX : v\r\n\r\n",
-            "both refuse",
-            id="space before colon refused by both",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("data", "outcome"), [pytest.param(d, o, id=i) for i, d, o in KNOWN])
 def test_known_differences_are_classified(data: bytes, outcome: str) -> None:
-    # The classifier itself, on inputs whose outcome is known: a classifier that matched
-    # everything would make the property tests above pass vacuously.
-    assert differential(data) == outcome
+    assert differential(data, response=data.startswith(b"HTTP/")) == outcome
+
+
+def test_every_listed_category_has_a_known_input() -> None:
+    rules = WE_REFUSE + WE_ACCEPT + [r for rs in FIELD_DIFFS.values() for r in rs]
+    names_ = [r.name for r in rules]
+    assert len(names_) == len(set(names_))
+    assert all(r.why for r in rules)
+    assert set(names_) <= {name for name, _, _ in KNOWN}
