@@ -90,8 +90,18 @@ cdef class Service:
     cdef Py_ssize_t rr
     cdef ServerPool pick(self)
 
+cdef class CoreCheck:
+    # A request check run in C before the Python chain (DESIGN.md §2: no Python frame for a
+    # check that needs none, e.g. a local rate limit on the client address). Subclasses (in
+    # other _core modules) override check(); it returns None to continue, or a reply object
+    # with `encode(request_id: bytes, close: bool) -> bytes`. A check that holds something
+    # for the request's lifetime calls conn.add_done(self) and is told in complete().
+    cdef object check(self, ConnCore conn, RequestHead head)
+    cdef void complete(self, ConnCore conn)
+
 cdef class Route:
     cdef readonly str name
+    cdef readonly tuple checks             # CoreCheck objects, run first, in C
     cdef readonly tuple chain              # middlewares, built once at compile
     cdef readonly Service service
     cdef readonly bytes extra_headers      # preformatted request header lines
@@ -150,6 +160,9 @@ cdef class ConnCore:
     cdef int timer
     cdef readonly unsigned long long served
     cdef bint linger                       # the next close lingers (an error may leave input)
+    cdef list done_hooks                   # CoreCheck or callables told when the exchange ends
+    cdef void add_done(self, object hook)
+    cdef void run_done_hooks(self)
     cdef void close_client(self, bint linger)
 
     cdef long long req_seen               # chunked request bytes seen (max_body)

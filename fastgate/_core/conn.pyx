@@ -278,10 +278,25 @@ cdef class Service:
         return s
 
 
+cdef class CoreCheck:
+    """Base of the checks a route runs in C before its Python middleware chain."""
+
+    cdef object check(self, ConnCore conn, RequestHead head):
+        return None
+
+    cdef void complete(self, ConnCore conn):
+        pass
+
+
 cdef class Route:
-    def __init__(self, str name, Service service, tuple chain=(), bytes extra_headers=None):
+    def __init__(self, str name, Service service, tuple chain=(), bytes extra_headers=None,
+                 tuple checks=()):
+        for c in checks:
+            if not isinstance(c, CoreCheck):
+                raise TypeError(f"route {name!r}: {c!r} is not a CoreCheck")
         self.name = name
         self.service = service
+        self.checks = checks
         self.chain = chain
         self.extra_headers = extra_headers
 
@@ -451,6 +466,8 @@ cdef class ConnCore:
         return False
 
     def connection_lost(self, exc):
+        if self.done_hooks is not None:
+            self.run_done_hooks()
         self.rq = RQ_CLOSED
         self.timer = T_NONE
         self.engine.conns.discard(self)
@@ -583,6 +600,11 @@ cdef class ConnCore:
         self.resp_started = False
         self.retried = False
         self.req_seen = 0
+        for check in self.route.checks:
+            verdict = (<CoreCheck>check).check(self, h)
+            if verdict is not None:
+                self.send_local(verdict)
+                return self.rq < RQ_CLOSED
         if self.route.chain:
             verdict = self.engine.dispatch(self, h)
             if verdict is not None:
@@ -928,8 +950,33 @@ cdef class ConnCore:
         self.linger = self.rq != RQ_SENT
         self.finish_exchange(self.close_after or self.rq != RQ_SENT)
 
+    cdef void add_done(self, object hook):
+        if self.done_hooks is None:
+            self.done_hooks = [hook]
+        else:
+            self.done_hooks.append(hook)
+
+    def on_done(self, callback):
+        """Call `callback(conn)` when the current exchange ends, however it ends."""
+        self.add_done(callback)
+
+    cdef void run_done_hooks(self):
+        cdef list hooks = self.done_hooks
+        self.done_hooks = None
+        for hook in hooks:
+            if isinstance(hook, CoreCheck):
+                (<CoreCheck>hook).complete(self)
+            else:
+                try:
+                    hook(self)
+                except Exception:
+                    import logging
+                    logging.getLogger("fastgate.conn").exception("on_done hook failed")
+
     cdef void finish_exchange(self, bint close):
         """The response is out: close, or go back to reading the next request."""
+        if self.done_hooks is not None:
+            self.run_done_hooks()
         self.head = None
         self.route = None
         self.up_head = None

@@ -16,6 +16,8 @@ Rules applied (RFC 9110 §7.6.1 hop-by-hop, §7.6.2 Via is not added; RFC 9112 �
   response cannot be chunked (a 1.0 client could not read it).
 """
 
+from http import HTTPStatus
+
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from libc.string cimport memcpy
@@ -237,7 +239,14 @@ cdef dict REASONS = {
 
 
 def reason_phrase(int status):
-    return REASONS.get(status, "Error")
+    """The standard reason phrase for `status` (RFC 9110 §15), "Unknown" when unassigned."""
+    phrase = REASONS.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+    return phrase
 
 
 cdef bytes build_error_reply(int status, str message, bytes request_id, bint close,
@@ -251,7 +260,7 @@ cdef bytes build_error_reply(int status, str message, bytes request_id, bint clo
     cdef bytes head = (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"Cache-Control: no-store\r\n%s\r\n"
-        % (status, REASONS.get(status, "Error").encode(), len(body),
+        % (status, reason_phrase(status).encode(), len(body),
            b"Connection: close\r\n" if close else b"")
     )
     if head_only:

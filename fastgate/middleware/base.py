@@ -44,13 +44,34 @@ class LocalReply:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling (DESIGN.md §5): set by one auth middleware, read by authorization rules,
+    rate-limit keys, logs and forwarded headers. Never holds the credential itself."""
+
+    method: str  # "jwt", "api_key", "basic", "ldap", "mtls", "forward_auth", ...
+    subject: str
+    consumer: str | None = None
+    scopes: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    claims: tuple[tuple[str, Any], ...] = ()
+
+    def claim(self, name: str, default: Any = None) -> Any:
+        """A selected claim kept from the credential (e.g. a JWT claim), or `default`."""
+        for key, value in self.claims:
+            if key == name:
+                return value
+        return default
+
+
 @dataclass(slots=True)
 class RequestContext:
     """What middlewares share about one request: its head, the connection, the identity."""
 
     conn: Any
     head: Any
-    identity: Any = None
+    identity: Identity | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 
