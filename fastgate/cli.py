@@ -87,6 +87,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     path = _config_path(args)
     config = _load(lambda: load_config(path))
+    # Compile it too, as each worker would: middleware options, router rules, upstreams.
+    try:
+        from fastgate.config.compile import check_runtime
+    except ImportError as exc:  # the compiled core is not built: schema checks only
+        print(f"warning: runtime checks skipped ({exc})", file=sys.stderr)
+    else:
+        _load(lambda: check_runtime(config))
     for line in summarize(config, path or "embedded default"):  # type: ignore[arg-type]
         print(line)
     print("ok")

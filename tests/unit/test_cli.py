@@ -24,7 +24,6 @@ routes:
   - name: api
     match: {hosts: [api.example.com, "*.example.org"], path: /v1, methods: [get, post]}
     priority: 3
-    middlewares: [limit]
     service: api
   - match: {path: '^/static/', path_type: regex}
     service: static
@@ -38,8 +37,6 @@ services:
     pool: {max_idle: 8}
   static:
     servers: [{url: "http://127.0.0.1:19002"}]
-middlewares:
-  limit: {type: rate_limit, rate: 10}
 admin: {enabled: false}
 """
 
@@ -113,15 +110,13 @@ def test_check_summarizes_a_valid_file(
     assert lines[0] == f"config: {path}"
     assert "  web: 127.0.0.1:18080" in lines
     assert (
-        "  api: api.example.com,*.example.org /v1 (prefix) GET,POST -> api"
-        "  [priority 3; middlewares limit]"
+        "  api: api.example.com,*.example.org /v1 (prefix) GET,POST -> api  [priority 3]"
     ) in lines
     assert "  route-1: * ^/static/ (regex) ANY -> static" in lines
     assert "  api: http://127.0.0.1:19000 (weight 2), http://127.0.0.1:19001" in lines
     assert (
         "    timeouts: connect 5s, response 5s, idle 60s; pool: 8 idle, closed after 60s" in lines
     )
-    assert "  limit: rate_limit" in lines
     assert "admin: disabled" in lines
     assert lines[-1] == "ok"
 
@@ -132,6 +127,17 @@ def test_check_embedded_default(capsys: pytest.CaptureFixture[str]) -> None:
     assert "config: embedded default\n" in out
     assert "  demo: * / (prefix) ANY -> demo\n" in out
     assert "demo origin: 127.0.0.1:8081\n" in out
+
+
+def test_check_compiles_the_runtime_too(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Valid for the schema, refused when compiled: the middleware type does not exist.
+    text = GOOD.replace("    service: api\n", "    middlewares: [m]\n    service: api\n", 1)
+    text += "middlewares:\n  m: {type: no_such_type}\n"
+    assert main(["check", "-c", write(tmp_path, text)]) == 2
+    _, err = capsys.readouterr()
+    assert "error: middlewares.m.type: unknown type 'no_such_type'" in err
 
 
 def test_check_reports_every_error_and_exits_2(
