@@ -43,7 +43,7 @@
 # §3    request-line = method SP request-target SP HTTP-version CRLF, single SPs exactly.
 #       Method = token (RFC 9110 §5.6.2, case-sensitive, §9.1). Leading empty lines (the
 #       §2.2 SHOULD-ignore) are refused with 400: the connection may strip them beforehand.
-# §3.2  target: visible ASCII 0x21-0x7E only (a '#' passes through untouched).
+# §3.2  target: visible ASCII 0x21-0x7E only, and no '#' (a fragment is refused, 400).
 #       origin-form "/..." ; absolute-form "http[s]://authority[/path][?query]" (path and
 #       host come from it; userinfo '@' refused, RFC 9110 §4.2.4) ; asterisk-form "*" only
 #       with OPTIONS ; CONNECT (authority-form) is answered 501: fastgate is no forward proxy.
@@ -930,6 +930,12 @@ cdef int _request(RequestHead h, bytes raw, Limits limits) except -1:
     if te - ts > limits.max_target:
         last_error_reason = b"request-target too long"
         return -414
+    # RFC 9112 §3.2: a request-target has no fragment ('#' is not a pchar or query char).
+    # Refused rather than passed on: `/admin#x` must not match routes as something other
+    # than what an upstream that strips the fragment would serve.
+    if memchr(b + ts, b'#', te - ts) != NULL:
+        last_error_reason = b"fragment in request-target"
+        return -400
     pos += 1
     if n - pos < 12:     # "HTTP/1.1" CRLF plus the final CRLF
         last_error_reason = b"invalid HTTP version"

@@ -24,7 +24,8 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint32_t
 
 from fastgate._core.httphead cimport (
-    Head, RequestHead, ResponseHead, HF_HOP, HF_HOST, HF_FORWARDED, HF_REQUEST_ID,
+    Head, RequestHead, ResponseHead, HF_HOP, HF_HOST, HF_FORWARDED, HF_REQUEST_ID, HF_FRAMING,
+    FRAMING_LENGTH, FRAMING_CHUNKED,
 )
 
 from cpython.ref cimport Py_DECREF
@@ -63,6 +64,30 @@ cdef inline char *put_bytes(char *o, bytes b) noexcept:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
     memcpy(o, PyBytes_AS_STRING(b), n)
     return o + n
+
+
+cdef inline char *put_framing(char *o, Head h) noexcept:
+    """The one framing line we send: the message's framing as we parsed it. Duplicate or empty
+    Content-Length / Transfer-Encoding lines that we accepted are never passed on, so the next
+    hop cannot read a different framing than we did (request smuggling)."""
+    cdef char digits[24]
+    cdef int n = 0
+    cdef long long v = h.content_length
+    if h.framing == FRAMING_CHUNKED:
+        return put(o, "Transfer-Encoding: chunked\r\n", 28)
+    o = put(o, "Content-Length: ", 16)
+    if v == 0:
+        digits[0] = b'0'
+        n = 1
+    while v > 0:
+        digits[n] = <char>(48 + v % 10)
+        v //= 10
+        n += 1
+    while n > 0:
+        n -= 1
+        o[0] = digits[n]
+        o += 1
+    return put(o, "\r\n", 2)
 
 
 cdef inline bint name_is(const char *raw, uint32_t *off, const char *lower, Py_ssize_t n) noexcept:
@@ -149,11 +174,15 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
             continue
         if (fl & HF_HOST) and h.absolute_form:
             continue
+        if fl & HF_FRAMING:
+            continue
         o = put(o, raw + off[0], off[1] - off[0])
         o = put(o, ": ", 2)
         o = put(o, raw + off[2], off[3] - off[2])
         o = put(o, "\r\n", 2)
 
+    if h.framing == FRAMING_LENGTH or h.framing == FRAMING_CHUNKED:
+        o = put_framing(o, h)
     if h.absolute_form and host is not None:
         o = put(o, "Host: ", 6)
         o = put_bytes(o, host)
@@ -205,19 +234,27 @@ cdef bytes build_response_head(ResponseHead h, bint close, bint keep_alive_10, b
     cdef char *o
     cdef char *start
     cdef PyObject *tmp
-    cdef Py_ssize_t cap = PyBytes_GET_SIZE(h.raw) + 64 + tail_len
+    cdef Py_ssize_t cap = PyBytes_GET_SIZE(h.raw) + 128 + tail_len
+    cdef bint normalize
 
     tmp = new_bytes(NULL, cap)
     o = start = bytes_buffer(tmp)
     o = put(o, raw, h.line_end + 2)
+    # Framing lines are rewritten only for a message with a body (HEAD, 204 and 304 responses
+    # keep their Content-Length as the origin sent it: it describes the resource).
+    normalize = h.framing == FRAMING_LENGTH or h.framing == FRAMING_CHUNKED
     for i in range(h.n_headers):
         if (h.flags[i] & HF_HOP) and not upgrade:
+            continue
+        if normalize and (h.flags[i] & HF_FRAMING):
             continue
         off = h.offs + 4 * i
         o = put(o, raw + off[0], off[1] - off[0])
         o = put(o, ": ", 2)
         o = put(o, raw + off[2], off[3] - off[2])
         o = put(o, "\r\n", 2)
+    if normalize:
+        o = put_framing(o, h)
     if not upgrade:
         if close:
             o = put(o, "Connection: close\r\n", 19)

@@ -294,8 +294,7 @@ def test_headers_kept_in_order_with_names_as_sent() -> None:
 def test_known_method_is_interned() -> None:
     one, _ = parse_request(req(b"GET /a HTTP/1.1", HOST))
     two, _ = parse_request(req(b"GET /b HTTP/1.1", HOST))
-    assert one.method == b"GET"
-    assert one.method is two.method
+    assert one.method is two.method is httphead.METHOD_GET
 
 
 def test_limits_defaults() -> None:
@@ -512,6 +511,8 @@ REFUSED = [
     pytest.param(req(b"GET /a b HTTP/1.1", HOST), 400, id="SP inside the target"),
     pytest.param(req(b"GET a/b HTTP/1.1", HOST), 400, id="target that is no form of §3.2"),
     pytest.param(req(b"GET /a\x7f HTTP/1.1", HOST), 400, id="DEL in the target"),
+    pytest.param(req(b"GET /a#frag HTTP/1.1", HOST), 400, id="fragment in the target (§3.2)"),
+    pytest.param(req(b"GET /a?b#c HTTP/1.1", HOST), 400, id="fragment after the query (§3.2)"),
     # Limits (RFC 9110 §15.5.15 414, RFC 6585 §5 431)
     pytest.param(_padded_head(16385), 431, id="head one byte over 16 KiB"),
     pytest.param(_many_fields(101), 431, id="101 field lines"),

@@ -644,21 +644,6 @@ FIELD_DIFFS = {
             lambda f, s: f.version == b"HTTP/1.0",
         ),
     ],
-    "path": [
-        Rule(
-            "fragment kept in path",
-            "RFC 9112 §3.2.1: origin-form has no fragment; httphead passes '#...' through in "
-            "target and path (documented choice), llhttp's URL parser cuts it off",
-            lambda f, s: b"#" in f.target,
-        ),
-    ],
-    "query": [
-        Rule(
-            "fragment kept in query",
-            "as for path: the '#...' stays in the query",
-            lambda f, s: b"#" in f.target,
-        ),
-    ],
 }
 
 
@@ -1485,14 +1470,9 @@ KNOWN = [
         "both accept, but: Upgrade ignored in HTTP/1.0",
     ),
     (
-        "fragment kept in path",
-        b"GET /a#f HTTP/1.1\r\n" + H + b"\r\n",
-        "both accept, but: fragment kept in path",
-    ),
-    (
-        "fragment kept in query",
+        "request-target syntax",
         b"GET /a?b#c HTTP/1.1\r\n" + H + b"\r\n",
-        "both accept, but: fragment kept in query",
+        "we refuse: request-target syntax",
     ),
     ("plain request", b"GET /a?b HTTP/1.1\r\n" + H + b"X:  v \r\n\r\n", "both accept"),
 ]
