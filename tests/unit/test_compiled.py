@@ -5,7 +5,7 @@ import importlib.machinery
 
 import pytest
 
-MODULES = ["httphead", "body", "router", "writer", "conn"]
+MODULES = ["httphead", "body", "router", "writer", "conn", "ratelimit"]
 
 
 @pytest.mark.parametrize("name", MODULES)
