@@ -14,7 +14,8 @@ worker sees it, so a config that would not compile is refused as a whole, never 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastgate._core.conn import Engine, EntryConfig, Route, ServerPool, Service
@@ -24,7 +25,9 @@ from fastgate.config.schema import Config
 from fastgate.errors import ConfigError
 from fastgate.middleware import registry
 
-__all__ = ["Runtime", "check_runtime", "compile_runtime"]
+__all__ = ["BuildContext", "Runtime", "check_runtime", "compile_runtime", "split_chain"]
+
+log = logging.getLogger("fastgate.config")
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,47 @@ class Runtime:
     entries: dict[str, EntryConfig]
     services: dict[str, Service]
     pools: tuple[ServerPool, ...]
+    middlewares: dict[str, Any] = field(default_factory=dict)
 
     def retire(self) -> None:
-        """Stop pooling this generation's upstream connections (busy ones finish first)."""
+        """Stop pooling this generation's upstream connections (busy ones finish first) and
+        stop its middlewares' background work (those that have a `close()`)."""
         for pool in self.pools:
             pool.close_idle()
+        for name, mw in self.middlewares.items():
+            close = getattr(mw, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("middleware %s: close failed", name)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a middleware may learn of the whole config at compile time, through its optional
+    `bind(context)` method (called once, right after it is built): the config itself (e.g.
+    `providers`) and which routes use it."""
+
+    config: Config
+
+    def routes_using(self, middleware: str) -> tuple[str, ...]:
+        return tuple(r.name for r in self.config.routes if middleware in r.middlewares)
+
+
+def split_chain(route: str, chain: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(C checks, Python chain) for a route: each leading middleware whose `core_check(route)`
+    gives a CoreCheck runs as that check, in C, before the Python chain. Only a leading run is
+    moved, so the order of everything stays as configured (a check never jumps ahead of,
+    say, an auth middleware whose identity a later limit reads)."""
+    checks = []
+    for mw in chain:
+        hook = getattr(mw, "core_check", None)
+        check = hook(route) if hook is not None else None
+        if check is None:
+            break
+        checks.append(check)
+    return tuple(checks), chain[len(checks) :]
 
 
 def _route_field(message: str) -> str:
@@ -90,10 +129,15 @@ def _build_services(
 def _build_middlewares(config: Config, errors: list[tuple[str, str]]) -> dict[str, Any]:
     """Every named middleware, built once (unused ones too, so their options are checked)."""
     built: dict[str, Any] = {}
+    context = BuildContext(config)
     for name, mw in config.middlewares.items():
         at = f"middlewares.{name}"
         try:
-            built[name] = registry.build(name, mw.type, dict(mw.options))
+            obj = registry.build(name, mw.type, dict(mw.options))
+            bind = getattr(obj, "bind", None)
+            if bind is not None:
+                bind(context)
+            built[name] = obj
         except ConfigError as exc:
             # A middleware may name its key relative to itself (`rate`) or in full.
             errors.extend(
@@ -129,10 +173,11 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             chain = tuple(chains.get(m) for m in route.middlewares)
             if service is None or None in chain:
                 continue  # already reported under services / middlewares
+            checks, chain = split_chain(route.name, chain)
             try:
                 specs.append(
                     RouteSpec(
-                        target=Route(route.name, service, chain),
+                        target=Route(route.name, service, chain, checks=checks),
                         path=route.match.path,
                         path_type=route.match.path_type,
                         hosts=tuple(route.match.hosts),
@@ -161,7 +206,7 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             forwarded_header=ep.forwarded.forwarded_header,
             max_held=config.limits.max_pipeline_bytes,
         )
-    runtime = Runtime(config, entries, services, tuple(pools))
+    runtime = Runtime(config, entries, services, tuple(pools), chains)
     if errors:
         runtime.retire()
         raise ConfigError.from_errors(errors)

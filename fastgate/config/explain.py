@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastgate.config.schema import Config, Route
+from fastgate.config.schema import Config, Middleware, Route
+from fastgate.errors import ConfigError
 
 
 def _seconds(value: float) -> str:
@@ -15,6 +16,20 @@ def describe_route(route: Route) -> str:
     hosts = ",".join(match.hosts) or "*"
     methods = ",".join(match.methods) or "ANY"
     return f"{hosts} {match.path} ({match.path_type}) {methods} -> {route.service}"
+
+
+def describe_middleware(config: Config, name: str, mw: Middleware) -> list[str]:
+    """What a middleware does, in words, for the types that can say (rate_limit: each limit,
+    e.g. `100 requests per minute per client IP, bursts up to 20, shared by routes a, b`)."""
+    if mw.type != "rate_limit":
+        return []
+    from fastgate.ratelimit.options import describe, parse_options
+
+    routes = [r.name for r in config.routes if name in r.middlewares]
+    try:
+        return describe(parse_options(dict(mw.options)), routes, config.worker_count())
+    except ConfigError as exc:
+        return [f"invalid options: {line}" for line in exc.lines()]
 
 
 def summarize(config: Config, source: str) -> list[str]:
@@ -58,6 +73,7 @@ def summarize(config: Config, source: str) -> list[str]:
         lines.append("middlewares:")
         for name, mw in config.middlewares.items():
             lines.append(f"  {name}: {mw.type}")
+            lines.extend(f"    {line}" for line in describe_middleware(config, name, mw))
 
     t = config.timeouts
     lim = config.limits

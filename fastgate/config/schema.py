@@ -54,6 +54,9 @@ __all__ = [
     "Middleware",
     "Pool",
     "PoolOverride",
+    "Providers",
+    "RedisProvider",
+    "RedisSentinel",
     "Route",
     "Server",
     "Service",
@@ -388,6 +391,79 @@ class Middleware(_Model):
         return data
 
 
+class RedisSentinel(_Model):
+    """Find the Redis master through Sentinel: where the sentinels are, the master's name."""
+
+    addresses: tuple[Address, ...] = Field(description="sentinels, host:port each")
+    master: Name = Field(description="the name the sentinels monitor the master under")
+    username: str | None = None
+    password: str | None = Field(None, repr=False, description="the sentinels' own password")
+
+    @field_validator("addresses")
+    @classmethod
+    def _some(cls, addresses: tuple[str, ...]) -> tuple[str, ...]:
+        if not addresses:
+            raise ValueError("at least one sentinel address")
+        return addresses
+
+
+class RedisProvider(_Model):
+    """A Redis server (or a Sentinel-managed master) that middlewares name, e.g. the
+    distributed rate limits. `address` or `host` + `port`, or `sentinel`."""
+
+    address: Address | None = Field(None, description="host:port")
+    host: str | None = None
+    port: int = Field(6379, ge=1, le=65535)
+    db: int = Field(0, ge=0, le=100_000)
+    username: str | None = Field(None, description="an ACL user (needs password)")
+    password: str | None = Field(None, repr=False)
+    tls: bool | str = Field(False, description="true, or the path of a CA file to trust")
+    sentinel: RedisSentinel | None = None
+    connect_timeout: Seconds = Field(1.0, description="seconds to connect and handshake")
+    command_timeout: Seconds = Field(0.25, description="seconds a command may take")
+    max_backoff: Seconds = Field(5.0, description="longest wait between reconnect attempts")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str | None) -> str | None:
+        return None if host is None else _check_host(host)
+
+    @field_validator("tls")
+    @classmethod
+    def _ca_file(cls, tls: bool | str) -> bool | str:
+        if isinstance(tls, str) and not tls:
+            raise ValueError("tls is true, false, or the path of a CA file")
+        return tls
+
+    @model_validator(mode="after")
+    def _where(self) -> RedisProvider:
+        given = [k for k in ("address", "host", "sentinel") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of address, host or sentinel, not {' and '.join(given)}")
+        if not given:
+            raise ValueError("give address (host:port), host, or sentinel")
+        if self.username is not None and self.password is None:
+            raise ValueError("username needs a password")
+        return self
+
+    def endpoint(self) -> tuple[str, int]:
+        """(host, port) of a directly addressed server."""
+        if self.address is not None:
+            return parse_address(self.address)
+        return self.host or "127.0.0.1", self.port
+
+
+class Providers(_Model):
+    """Shared back-ends that middlewares refer to by name."""
+
+    redis: dict[Name, RedisProvider] = {}
+
+    @field_validator("redis", mode="before")
+    @classmethod
+    def _empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
 class Admin(_Model):
     """The admin listener (/metrics, /healthz, /readyz, /config). Keep it on loopback."""
 
@@ -420,6 +496,7 @@ class Config(_Model):
     routes: tuple[Route, ...] = ()
     services: dict[Name, Service] = {}
     middlewares: dict[Name, Middleware] = {}
+    providers: Providers = Providers()
     admin: Admin = Admin()
     demo_origin: DemoOrigin = DemoOrigin()
 
@@ -544,6 +621,24 @@ def cross_check(data: Mapping[str, Any]) -> list[tuple[str, str]]:
             errors.extend(_check_match_path(f"{at}.match.path", match))
 
     errors.extend(_check_address_clashes(data))
+    errors.extend(_check_provider_refs(data))
+    return errors
+
+
+def _check_provider_refs(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A middleware option `redis: NAME` names a `providers.redis` entry."""
+    providers = data.get("providers") or {}
+    redis = providers.get("redis") if isinstance(providers, Mapping) else None
+    known = {k for k in redis if isinstance(k, str)} if isinstance(redis, Mapping) else set()
+    middlewares = data.get("middlewares")
+    errors: list[tuple[str, str]] = []
+    if not isinstance(middlewares, Mapping):
+        return errors
+    for name, mw in middlewares.items():
+        ref = mw.get("redis") if isinstance(mw, Mapping) else None
+        if isinstance(ref, str) and ref and ref not in known:
+            hint = _did_you_mean(ref, known) if known else " (providers.redis defines none)"
+            errors.append((f"middlewares.{name}.redis", f"unknown redis provider {ref!r}{hint}"))
     return errors
 
 

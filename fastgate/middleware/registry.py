@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,14 @@ def register(cls: Callable[..., Any]) -> Callable[..., Any]:
 def build(name: str, type_name: str, options: dict[str, Any]) -> Any:
     """Instantiate middleware `name`; unknown types name the key path."""
     cls = _TYPES.get(type_name)
+    if cls is None and re.fullmatch(r"[a-z][a-z0-9_]*", type_name):
+        # Module name = config type (DESIGN.md §3): importing it registers the class.
+        try:
+            importlib.import_module(f"fastgate.middleware.{type_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"fastgate.middleware.{type_name}":
+                raise
+        cls = _TYPES.get(type_name)
     if cls is None:
         known = ", ".join(sorted(_TYPES)) or "none yet"
         raise ConfigError(

@@ -5,7 +5,7 @@ import importlib.machinery
 
 import pytest
 
-MODULES = ["httphead", "body", "router", "writer", "conn", "ratelimit"]
+MODULES = ["httphead", "body", "router", "writer", "conn", "ratelimit", "ratecheck"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,212 @@
+"""`type: rate_limit`: GCRA limits per key, an in-flight cap, local or shared through Redis.
+
+    middlewares:
+      api_limit:
+        type: rate_limit
+        key: client_ip                # or [client_ip, "header:X-Tenant"], identity.subject, ...
+        limits:
+          - {rate: 10/second, burst: 20}
+          - {rate: 1000/hour}
+        in_flight: 5                  # concurrent requests per key
+        scope: route                  # or shared (one bucket for every route using it)
+        store: local                  # or redis / hybrid, with redis: <providers.redis name>
+
+Every option, and the behaviour of each store, is in docs/rate-limiting.md. This module is
+the small unit STYLE.md §7 asks for: options validated once (fastgate.ratelimit.options),
+then per request: extract the key, decide, refuse or continue. Where the request head alone
+gives the key and the store is local, `core_check(route)` hands the route a C check
+(fastgate._core.ratecheck.RateCheck) and this class's `on_request` never runs for it; both
+paths share the same buckets and counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastgate._core.ratecheck import InFlight, KeyBuilder, RateCheck
+from fastgate.errors import ConfigError
+from fastgate.middleware.base import LocalReply, RequestContext
+from fastgate.middleware.registry import register
+from fastgate.ratelimit.keys import display_key, extras_of, key_spec
+from fastgate.ratelimit.local import DryRunLog, limit_set, limiter_for
+from fastgate.ratelimit.options import RateLimitOptions, describe, parse_options
+from fastgate.ratelimit.replies import Replies
+
+log = logging.getLogger("fastgate.rate_limit")
+
+
+@register
+class RateLimit:
+    """One `rate_limit` middleware instance (see the module docstring)."""
+
+    type: ClassVar[str] = "rate_limit"
+
+    def __init__(self, options: dict[str, Any], name: str) -> None:
+        opts = self.options = parse_options(options)
+        self.name = name
+        limits = opts.limits
+        self.policy_names = [
+            lim.name or (name if len(limits) == 1 else f"{name}-{i}")
+            for i, lim in enumerate(limits)
+        ]
+        self.replies = Replies(opts.headers, self.policy_names, limits, opts.message)
+        self.dry_log = DryRunLog(name, limits, self.render, opts.dry_run_log_interval)
+        self.local = (
+            limit_set(limits, opts.max_keys, dry_log=self.dry_log)
+            if limits and opts.store == "local"
+            else None
+        )
+        self.inflight = InFlight(opts.in_flight) if opts.in_flight else None
+        self.identity_parts = tuple(p for p in opts.key if not p.in_c)
+        self._anonymous = (None,) * len(self.identity_parts)  # extras without an identity
+        self.skip_absent = opts.missing_key == "skip"
+        self.per_route = opts.scope == "route" or any(p.kind == "route" for p in opts.key)
+        self._keys: dict[str | None, KeyBuilder] = {}
+        self.store: Any = None  # RedisStore / HybridStore, set by bind()
+        self.routes: tuple[str, ...] = ()
+        self.workers = 1
+
+    # ---- compile time -----------------------------------------------------------------------
+
+    def bind(self, context: Any) -> None:
+        """Learn which routes use this middleware and, for the Redis stores, get the
+        provider's client (config compile, once per generation)."""
+        self.routes = tuple(context.routes_using(self.name))
+        self.workers = context.config.worker_count()
+        opts = self.options
+        if opts.store == "local" or not opts.limits:
+            return
+        from fastgate.ratelimit.clients import redis_client
+        from fastgate.ratelimit.hybrid import HybridStore
+        from fastgate.ratelimit.redis import Outage, RedisStore
+
+        provider = context.config.providers.redis.get(opts.redis)
+        if provider is None:
+            raise ConfigError("redis", f"unknown redis provider {opts.redis!r}")
+        client = redis_client(opts.redis, provider)
+        share = opts.expected_instances or context.config.worker_count()
+        outage = Outage(
+            self.name,
+            limit_set(opts.limits, opts.max_keys, share=share),
+            opts.on_redis_error == "fail_open",
+            share,
+        )
+        common = dict(
+            middleware=self.name,
+            client=client,
+            emissions=[limiter_for(lim, 1).emission_us for lim in opts.limits],
+            bursts=[lim.burst for lim in opts.limits],
+            costs=[lim.cost for lim in opts.limits],
+            dry_runs=[lim.dry_run for lim in opts.limits],
+            outage=outage,
+            on_dry_refusal=self.dry_log.note,
+        )
+        if opts.store == "redis":
+            self.store = RedisStore(**common)
+        else:
+            self.store = HybridStore(
+                **common, sync_interval=opts.sync_interval, max_keys=opts.max_keys
+            )
+
+    def keys_for(self, route: str) -> KeyBuilder:
+        """The key builder of `route` (one per route with scope route, else shared)."""
+        slot = route if self.per_route else None
+        builder = self._keys.get(slot)
+        if builder is None:
+            spec = key_spec(self.options, route, prefix=self.options.scope == "route")
+            builder = self._keys[slot] = KeyBuilder(spec, self.options.ipv6_prefix)
+        return builder
+
+    def core_check(self, route: str) -> RateCheck | None:
+        """A C check for `route` when the key needs no identity and the store is local."""
+        if not self.options.in_c:
+            return None
+        return RateCheck(
+            self.keys_for(route),
+            self.local,
+            self.inflight,
+            self._reject,
+            self._reject_busy,
+            self.skip_absent,
+        )
+
+    def describe(self) -> list[str]:
+        return describe(self.options, self.routes, self.workers)
+
+    # ---- per request --------------------------------------------------------------------------
+
+    def on_request(self, ctx: RequestContext) -> Any:
+        extras: tuple[bytes | None, ...] = ()
+        if self.identity_parts:
+            identity = ctx.identity
+            extras = (
+                self._anonymous if identity is None else extras_of(self.identity_parts, identity)
+            )
+        route = ctx.head.route.name
+        keys = self._keys.get(route if self.per_route else None) or self.keys_for(route)
+        key, absent = keys.key(ctx.conn, ctx.head, extras)
+        if absent and self.skip_absent:
+            return None
+        if self.inflight is not None:
+            if not self.inflight.acquire(ctx.conn, key):
+                return self._reject_busy(key)
+            ctx.conn.on_done(self.inflight.release)
+        if self.store is None:
+            if self.local is None:
+                return None
+            index, remaining, _, retry, limit = self.local.decide(key)
+            return self._reject(index, remaining, 0, retry, limit, key) if index >= 0 else None
+        result = self.store.decide(key)
+        if result is None or type(result) is tuple:
+            return self._verdict(result, key)
+        return self._after(result, key)
+
+    async def _after(self, pending: Any, key: bytes) -> LocalReply | None:
+        return self._verdict(await pending, key)
+
+    def _verdict(self, result: tuple[int, int, int, int] | None, key: bytes) -> LocalReply | None:
+        if result is None:
+            return self.replies.unavailable()
+        index, remaining, _, retry = result
+        return self._reject(index, remaining, 0, retry, 0, key) if index >= 0 else None
+
+    def _reject(
+        self, index: int, remaining: int, reset: int, retry: int, limit: int, key: bytes
+    ) -> LocalReply:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rate limit %s: limit %d refused %s", self.name, index, self.render(key))
+        return self.replies.limited(index, remaining, retry)
+
+    def _reject_busy(self, key: bytes) -> LocalReply:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rate limit %s: too many in flight for %s", self.name, self.render(key))
+        return self.replies.busy()
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    def render(self, key: bytes) -> str:
+        """`key` as log-safe text (header values hashed)."""
+        return display_key(key, self.options.ipv6_prefix)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: per limit allowed/denied, in-flight refusals, Redis outages."""
+        out: dict[str, Any] = {"limits": []}
+        if self.local is not None:
+            out["limits"] = self.local.stats()
+        elif self.store is not None:
+            out["limits"] = self.store.stats()
+            out["outages"] = self.store.outage.outages
+            out["local_decisions"] = self.store.outage.local_decisions
+        if self.inflight is not None:
+            out["in_flight_refused"] = self.inflight.refused
+        return out
+
+    def close(self) -> None:
+        """The generation is retired: stop background work (the hybrid sync)."""
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+
+__all__ = ["RateLimit", "RateLimitOptions"]
