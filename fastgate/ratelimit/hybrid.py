@@ -39,32 +39,13 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastgate._core.ratelimit import monotonic_us
+from fastgate._core.ratelimit import gcra, monotonic_us
 from fastgate.ratelimit.redis import SYNC_SCRIPT, Outage, Result, redis_keys
 from fastgate.redis import RedisClient, RedisReplyError
 
-__all__ = ["HybridStore", "decide_local"]
+__all__ = ["HybridStore"]
 
 log = logging.getLogger("fastgate.rate_limit")
-
-
-def decide_local(
-    tat: int, now: int, emission: int, burst: int, cost: int
-) -> tuple[bool, int, int, int, int]:
-    """GCRA for one request (the `gcra()` arithmetic): (allowed, TAT to store, remaining,
-    reset_after_us, retry_after_us)."""
-    tau = emission * burst
-    t = tat if tat > now else now
-    if cost > burst:
-        allowed, after, store, retry = False, t, tat, -1
-    else:
-        new_tat = t + cost * emission
-        if new_tat - now <= tau:
-            allowed, after, store, retry = True, new_tat, new_tat, 0
-        else:
-            allowed, after, store, retry = False, t, tat, new_tat - tau - now
-    room = tau - (after - now)
-    return allowed, store, (room // emission if room > 0 else 0), after - now, retry
 
 
 class HybridStore:
@@ -117,8 +98,9 @@ class HybridStore:
         best: tuple[int, int, int, int] | None = None
         for i in range(self.count):
             tats = self.tats[i]
-            allowed, store, remaining, reset, retry = decide_local(
-                tats.get(key, 0), now, self.emissions[i], self.bursts[i], self.costs[i]
+            # The compiled arithmetic; period = T and rate 1 make its emission exactly T.
+            allowed, store, remaining, reset, retry = gcra(
+                tats.get(key, 0), now, self.emissions[i], 1.0, self.bursts[i], self.costs[i]
             )
             if allowed:
                 self.allowed[i] += 1
