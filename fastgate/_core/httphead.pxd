@@ -85,3 +85,19 @@ cdef Limits DEFAULT_LIMITS
 # methods (exact, case-sensitive spelling), so `h.method is METHOD_GET` is a valid test.
 cdef bytes METHOD_GET, METHOD_HEAD, METHOD_POST, METHOD_PUT, METHOD_DELETE
 cdef bytes METHOD_PATCH, METHOD_OPTIONS, METHOD_CONNECT, METHOD_TRACE
+
+# Header i's name (offsets `off` = Head.offs + 4*i into `raw`) equals `lower` (n bytes,
+# lowercase), compared case-insensitively. For writers and checks that look for one name.
+cdef inline bint header_name_is(const char *raw, const uint32_t *off, const char *lower,
+                                Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef char c
+    if <Py_ssize_t>(off[1] - off[0]) != n:
+        return False
+    for i in range(n):
+        c = raw[off[0] + i]
+        if c >= 65 and c <= 90:
+            c = c + 32
+        if c != lower[i]:
+            return False
+    return True

@@ -74,7 +74,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 from fastgate._core.conn cimport ConnCore, CoreCheck, EntryConfig
-from fastgate._core.httphead cimport HF_FORWARDED, RequestHead
+from fastgate._core.httphead cimport HF_FORWARDED, RequestHead, header_name_is
 from fastgate._core.ratelimit cimport Decision, RateLimiter, monotonic_us
 from fastgate._core.writer cimport ForwardInfo
 
@@ -243,21 +243,6 @@ cdef inline Py_ssize_t put_part(char *buf, Py_ssize_t cap, Py_ssize_t pos, int k
     return pos + 4 + n
 
 
-cdef inline bint name_is_xff(const char *raw, const uint32_t *off) noexcept nogil:
-    cdef const char *want = b"x-forwarded-for"
-    cdef Py_ssize_t i
-    cdef char c
-    if off[1] - off[0] != 15:
-        return False
-    for i in range(15):
-        c = raw[off[0] + i]
-        if c >= 65 and c <= 90:
-            c = c + 32
-        if c != want[i]:
-            return False
-    return True
-
-
 cdef inline bint is_ows(char c) noexcept nogil:
     return c == b' ' or c == b'\t'
 
@@ -407,7 +392,7 @@ cdef class KeyBuilder:
             i = head.n_headers - 1
             while i >= 0:
                 off = head.offs + 4 * i
-                if (head.flags[i] & HF_FORWARDED) and name_is_xff(raw, off):
+                if (head.flags[i] & HF_FORWARDED) and header_name_is(raw, off, "x-forwarded-for", 15):
                     vs = off[2]
                     ve = off[3]
                     e = ve

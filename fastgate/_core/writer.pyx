@@ -24,7 +24,7 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint32_t
 
 from fastgate._core.httphead cimport (
-    Head, RequestHead, ResponseHead, HF_HOP, HF_HOST, HF_FORWARDED, HF_REQUEST_ID, HF_FRAMING,
+    Head, RequestHead, ResponseHead, header_name_is, HF_HOP, HF_HOST, HF_FORWARDED, HF_REQUEST_ID, HF_FRAMING,
     FRAMING_LENGTH, FRAMING_CHUNKED,
 )
 
@@ -90,20 +90,6 @@ cdef inline char *put_framing(char *o, Head h) noexcept:
     return put(o, "\r\n", 2)
 
 
-cdef inline bint name_is(const char *raw, uint32_t *off, const char *lower, Py_ssize_t n) noexcept:
-    cdef Py_ssize_t i
-    cdef char c
-    if <Py_ssize_t>(off[1] - off[0]) != n:
-        return False
-    for i in range(n):
-        c = raw[off[0] + i]
-        if c >= 65 and c <= 90:
-            c = c + 32
-        if c != lower[i]:
-            return False
-    return True
-
-
 cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
                               bint id_from_client, bytes extra):
     cdef const char *raw = PyBytes_AS_STRING(h.raw)
@@ -145,7 +131,7 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
     if fi.trusted:
         for i in range(h.n_headers):
             off = h.offs + 4 * i
-            if (h.flags[i] & HF_FORWARDED) and name_is(raw, off, "x-forwarded-for", 15):
+            if (h.flags[i] & HF_FORWARDED) and header_name_is(raw, off, "x-forwarded-for", 15):
                 if have_xff:
                     o = put(o, ", ", 2)
                 else:
@@ -166,7 +152,7 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
             continue
         if fl & HF_FORWARDED:
             # Trusted: keep proto/host/port as the proxy in front said; the XFF chain is done.
-            if not fi.trusted or name_is(raw, off, "x-forwarded-for", 15):
+            if not fi.trusted or header_name_is(raw, off, "x-forwarded-for", 15):
                 continue
         if fl & HF_REQUEST_ID:
             # Written once below: the client's kept id or ours. Copying the client's lines
