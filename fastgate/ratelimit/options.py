@@ -400,7 +400,8 @@ def describe(
         lines.append(f"counted in each worker process (store: local{spread})")
     elif options.store == "redis":
         lines.append(
-            f"counted in Redis '{options.redis}', one round trip per request (store: redis)"
+            f"counted in Redis '{options.redis}', one decision per request, pipelined with "
+            "the others of the same loop turn (store: redis)"
         )
     else:
         lines.append(
