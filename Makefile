@@ -4,11 +4,11 @@ PYTHON ?= python3
 
 # Benchmarks (benchmarks/README.md). Override e.g. `make bench BENCH_TARGETS=origin,nginx,haproxy`
 # or pass more flags with `BENCH_ARGS="--sizes small,16k,1m"`.
-BENCH_TARGETS ?= origin,nginx,haproxy,fastgate
+BENCH_TARGETS ?= origin,nginx,haproxy,fastgate,fastgate-rl-local
 BENCH_ARGS ?=
 BENCH = $(PYTHON) benchmarks/run.py --targets $(BENCH_TARGETS)
 
-.PHONY: help build test lint bench bench-quick pycalls
+.PHONY: help build test lint bench bench-quick bench-ratelimit pycalls
 
 .DEFAULT_GOAL := help
 
@@ -18,6 +18,7 @@ help:
 	@echo "make lint        ruff check + format check"
 	@echo "make bench       benchmarks vs nginx and HAProxy (a few minutes; needs nginx haproxy wrk)"
 	@echo "make bench-quick one short round, to check the benchmark setup"
+	@echo "make bench-ratelimit  plain fastgate vs local, hybrid and redis rate limits"
 	@echo "make pycalls     Python calls per proxied request"
 
 build:
@@ -40,3 +41,7 @@ bench:
 # Smoke check of the suite and the targets: 1 round of 2 s runs.
 bench-quick:
 	$(BENCH) --rounds 1 --duration 2 --warmup 1 $(BENCH_ARGS)
+
+# Rate-limit overhead: plain fastgate vs the local, hybrid and redis stores (never tripping).
+bench-ratelimit:
+	$(PYTHON) benchmarks/run.py --targets fastgate,fastgate-rl-local,fastgate-rl-hybrid,fastgate-rl-redis --sizes small $(BENCH_ARGS)

@@ -13,6 +13,11 @@ Method (benchmarks/README.md has the details):
 - Reported per target: req/s (median, min-max), the ratio to nginx computed within each round,
   p50/p99 latency, and the proxy's CPU µs per request (utime+stime of the proxy's process tree
   from /proc/PID/stat before and after the run, divided by the requests wrk counted).
+- Rate-limit targets (`fastgate-rl-local`, `-hybrid`, `-redis`): `fastgate run` with a
+  `rate_limit` middleware that never trips on the route, each against its own redis-server on
+  the load core for the hybrid and redis stores; a probe first shows that the same config with
+  a small limit answers 429. Reported besides: req/s and CPU ratios to plain `fastgate` in the
+  same round, and Redis commands, round trips and CPU per request.
 
 Standard library only; matplotlib, when installed, adds a PNG chart.
 """
@@ -52,8 +57,20 @@ DEFAULT_OUT = HERE / "results"
 
 PROXY_CORE = 0  # the proxy under test
 LOAD_CORE = 1  # the origin and wrk
-ALL_TARGETS = ("origin", "nginx", "haproxy", "fastgate")
+# fastgate with a `rate_limit` middleware on its route, by store (docs/rate-limiting.md).
+RL_TARGETS = {
+    "fastgate-rl-local": "local",
+    "fastgate-rl-hybrid": "hybrid",
+    "fastgate-rl-redis": "redis",
+}
+ALL_TARGETS = ("origin", "nginx", "haproxy", "fastgate", *RL_TARGETS)
+DEFAULT_TARGETS = ("origin", "nginx", "haproxy", "fastgate", "fastgate-rl-local")
 BASELINE = "nginx"
+FASTGATE = "fastgate"  # the baseline of the rate-limit targets: the same proxy, no middleware
+# A limit that never trips: the schema's highest rate (1,000,000/s, a 1 µs emission interval)
+# and a bucket of 10^8. The probe limit trips on the request after PROBE_BURST.
+RL_RATE, RL_BURST = "1000000/second", 100_000_000
+PROBE_RATE, PROBE_BURST = "1/minute", 2
 DEFAULT_FASTGATE_CMD = (
     "{python} -m fastgate proxy --listen 127.0.0.1:{port} "
     "--to http://127.0.0.1:{origin_port} --workers 1"
@@ -119,6 +136,7 @@ class Target:
     proc: subprocess.Popen[bytes]
     log: Path
     proxied: bool  # False for the origin measured direct: no proxy CPU to report
+    redis: RedisServer | None = None  # the Redis of a hybrid or redis rate-limit target
 
 
 @dataclass
@@ -155,6 +173,8 @@ class Run:
     other_load_pct: dict[str, float]
     proxy_pids: list[int]
     wrk_output: str
+    # Redis targets: what the run cost Redis (`RedisServer.delta`), else None.
+    redis: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +231,22 @@ class Processes:
             raise BenchError(f"cannot start {shlex.join(argv)}: {exc}") from exc
         self._procs.append(proc)
         return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop one child's process group now (SIGTERM, then SIGKILL after a grace)."""
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        if not _wait_group_gone(proc.pid, STOP_TIMEOUT):
+            print(f"warning: process group {proc.pid} did not exit", file=sys.stderr)
+        self.forget(proc)
 
     def forget(self, proc: subprocess.Popen[bytes]) -> None:
         """Drop a child that has exited on its own (a finished wrk run)."""
@@ -401,19 +437,301 @@ def fastgate_argv(template: str, port: int, origin_port: int) -> list[str]:
 def start_fastgate(procs: Processes, origin_port: int, template: str) -> Target:
     """Start fastgate from the repository checkout, pinned to the proxy core."""
     port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     argv = fastgate_argv(template, port, origin_port)
     print(f"fastgate: {shlex.join(argv)}")
-    proc, log = procs.start("fastgate", argv, cwd=REPO, env=env)
+    proc, log = procs.start("fastgate", argv, cwd=REPO, env=fastgate_env())
     wait_for_port("fastgate", port, proc, [log], STARTUP_TIMEOUT)
     return Target("fastgate", port, proc, log, proxied=True)
 
 
+# --------------------------------------------------------------------------------------------
+# Rate-limit targets: fastgate with a `rate_limit` middleware, and the Redis it may use
+
+# Counters of Redis's `INFO stats` that a run's delta is taken of.
+_REDIS_COUNTERS = (
+    "total_commands_processed",
+    "total_reads_processed",
+    "total_net_input_bytes",
+    "total_net_output_bytes",
+)
+# The commands that run a script; the rate-limit stores send nothing else once connected.
+_SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+_RE_SEGS_OUT = re.compile(r"\bdata_segs_out:(\d+)")
+_RE_CMDSTAT = re.compile(r"^cmdstat_([^:]+):calls=(\d+),", re.M)
+
+
+class RedisServer:
+    """A redis-server on the load core for one rate-limit target, and what it is asked.
+
+    Measured around each recorded run (`snapshot` before and after, `delta`):
+    - scripts: the EVALSHA (or EVAL) calls of INFO commandstats, what the gateway sends: one
+      per decision in the redis store, one per touched key per sync in the hybrid store;
+    - commands: INFO stats `total_commands_processed`, which also counts the commands each
+      script runs inside Redis (TIME, GET, SET: 4 per decision in all);
+    - round trips: the data segments the gateway's connection(s) to Redis sent, from the
+      kernel's TCP_INFO (`ss -ti`, tcpi_data_segs_out). The client writes each loop turn's
+      commands in one write, and with TCP_NODELAY (asyncio's default) each write leaves as one
+      segment while it fits one (64 KiB on loopback: ~400 decisions; at most one per client
+      connection is in flight here). Checked against the client's own `stats()["writes"]`
+      from 1 to 200 concurrent callers: equal within 1. Redis's `total_reads_processed` (its
+      read events; lower when writes arrive faster than Redis reads) is kept as a cross-check;
+    - the CPU of redis-server (it shares the load core with wrk and the origin).
+    The INFO queries go over one persistent connection of ours, which `ss` leaves out; what one
+    query adds to the counters is measured once at start (`probe_cost`) and subtracted.
+    """
+
+    def __init__(self, procs: Processes, name: str) -> None:
+        self.name = f"{name}-redis"
+        self.port = free_port()
+        workdir = procs.workdir / self.name
+        workdir.mkdir()
+        argv = [
+            "taskset", "-c", str(LOAD_CORE), "redis-server", "--bind", "127.0.0.1",
+            "--port", str(self.port), "--save", "", "--appendonly", "no",
+            "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning",
+        ]  # fmt: skip
+        self.proc, self.log = procs.start(self.name, argv)
+        wait_for_port(self.name, self.port, self.proc, [self.log], STARTUP_TIMEOUT)
+        self._sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self._file = self._sock.makefile("rb")
+        self._own = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        first, second = self.info(), self.info()
+        self.probe_cost = {k: v - first.get(k, 0) for k, v in second.items()}
+
+    def close(self) -> None:
+        """Close our INFO connection (the server is stopped with the other processes)."""
+        self._file.close()
+        self._sock.close()
+
+    def info(self) -> dict[str, int]:
+        """The integer fields of `INFO stats`, and the calls of each command of
+        `INFO commandstats` as `calls:<command>`."""
+        try:
+            self._sock.sendall(b"*3\r\n$4\r\nINFO\r\n$5\r\nstats\r\n$12\r\ncommandstats\r\n")
+            head = self._file.readline()
+            if not head.startswith(b"$"):
+                raise BenchError(f"{self.name}: INFO answered {head[:80]!r}")
+            body = self._file.read(int(head[1:]) + 2)
+        except OSError as exc:
+            raise BenchError(f"{self.name}: INFO failed: {exc!r}") from exc
+        text = body.decode("ascii", "replace")
+        fields = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if value.isdigit():
+                fields[key] = int(value)
+        for match in _RE_CMDSTAT.finditer(text):
+            fields[f"calls:{match.group(1)}"] = int(match.group(2))
+        if missing := [k for k in _REDIS_COUNTERS if k not in fields]:
+            raise BenchError(f"{self.name}: INFO stats lacks {', '.join(missing)}")
+        return fields
+
+    def gateway_segments(self) -> dict[str, int] | None:
+        """Data segments sent so far by each established connection to this Redis except our
+        own, by local address (None without `ss`)."""
+        if not shutil.which("ss"):
+            return None
+        argv = ["ss", "-tinH", "state", "established", f"( dport = :{self.port} )"]
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        segments: dict[str, int] = {}
+        local = None
+        for line in out.stdout.splitlines():
+            if line and not line[0].isspace():  # Recv-Q Send-Q Local:Port Peer:Port
+                fields = line.split()
+                local = fields[2] if len(fields) >= 4 else None
+                if local is not None:
+                    segments[local] = 0
+            elif local is not None and (match := _RE_SEGS_OUT.search(line)):
+                segments[local] = int(match.group(1))  # absent while it is 0
+        segments.pop(self._own, None)
+        return segments
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, int] | None, dict[int, int]]:
+        """INFO counters, the gateway's segments and redis-server's CPU ticks, now."""
+        return self.info(), self.gateway_segments(), cpu_ticks([self.proc.pid])
+
+    def delta(
+        self,
+        before: tuple[dict[str, int], dict[str, int] | None, dict[int, int]],
+        after: tuple[dict[str, int], dict[str, int] | None, dict[int, int]],
+    ) -> tuple[dict[str, Any], list[str]]:
+        """What happened between two snapshots (less our one INFO), and what makes it wrong."""
+        info = {k: v - before[0].get(k, 0) - self.probe_cost.get(k, 0) for k, v in after[0].items()}
+        seg_before, seg_after = before[1], after[1]
+        errors = []
+        round_trips: float | None = None
+        if seg_before is not None and seg_after is not None:
+            if seg_before.keys() != seg_after.keys():
+                errors.append("the gateway's connections to Redis changed during the run")
+            elif not seg_after:
+                errors.append("no gateway connection to Redis")
+            else:
+                round_trips = float(sum(seg_after[k] - seg_before[k] for k in seg_after))
+        result: dict[str, Any] = {
+            "scripts": float(sum(info.get(f"calls:{c}", 0) for c in _SCRIPT_COMMANDS)),
+            "commands": float(info["total_commands_processed"]),
+            "round_trips": round_trips,
+            "read_events": float(info["total_reads_processed"]),
+            "net_input_bytes": float(info["total_net_input_bytes"]),
+            "net_output_bytes": float(info["total_net_output_bytes"]),
+            "cpu_us": cpu_delta_us(before[2], after[2]),
+        }
+        # Every command's calls, for checking the figures above afterwards.
+        result["command_calls"] = {
+            k.partition(":")[2]: v for k, v in sorted(info.items()) if k.startswith("calls:") and v
+        }
+        return result, errors
+
+
+def rl_config(
+    store: str,
+    port: int,
+    origin_port: int,
+    redis_port: int | None,
+    *,
+    middleware: str,
+    rate: str,
+    burst: int,
+) -> dict[str, Any]:
+    """The config of a rate-limit target: `fastgate proxy`'s (one entrypoint, route `proxy` on
+    `/`, service `upstream`; see fastgate.config.loader.proxy_config) with a `rate_limit`
+    middleware on the route, 1 worker, the admin listener off."""
+    limit: dict[str, Any] = {
+        "type": "rate_limit",
+        "rate": rate,
+        "burst": burst,
+        "key": "client_ip",
+        "store": store,
+    }
+    route = {"name": "proxy", "match": {"path": "/"}, "service": "upstream"}
+    config: dict[str, Any] = {
+        "workers": 1,
+        "admin": {"enabled": False},
+        "entrypoints": {"web": {"address": f"127.0.0.1:{port}"}},
+        "services": {"upstream": {"servers": [{"url": f"http://127.0.0.1:{origin_port}"}]}},
+        "routes": [{**route, "middlewares": [middleware]}],
+        "middlewares": {middleware: limit},
+    }
+    if redis_port is not None:
+        limit["redis"] = "bench"  # sync_interval and the failure policy keep their defaults
+        config["providers"] = {"redis": {"bench": {"address": f"127.0.0.1:{redis_port}"}}}
+    return config
+
+
+def fastgate_env() -> dict[str, str]:
+    """The environment fastgate runs in: the repository checkout first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def start_rl_gateway(
+    procs: Processes, name: str, config: dict[str, Any]
+) -> tuple[subprocess.Popen[bytes], Path, int, list[str]]:
+    """Write `config` (JSON, which is YAML), check it with `fastgate check`, start
+    `fastgate run` pinned to the proxy core; return the process, its log, its port and the
+    middleware summary `fastgate check` printed."""
+    path = procs.workdir / f"{name}.yaml"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    check = subprocess.run(
+        [sys.executable, "-m", "fastgate", "check", "-c", str(path)],
+        capture_output=True, text=True, cwd=REPO, env=fastgate_env(), timeout=60, check=False,
+    )  # fmt: skip
+    if check.returncode != 0:
+        raise BenchError(f"{name}: fastgate check failed:\n{check.stdout}{check.stderr}")
+    summary = _middleware_summary(check.stdout)
+    argv = ["taskset", "-c", str(PROXY_CORE), sys.executable, "-m", "fastgate", "run"]
+    argv += ["-c", str(path), "--workers", "1"]
+    proc, log = procs.start(name, argv, cwd=REPO, env=fastgate_env())
+    port = int(config["entrypoints"]["web"]["address"].rsplit(":", 1)[1])
+    wait_for_port(name, port, proc, [log], STARTUP_TIMEOUT)
+    return proc, log, port, summary
+
+
+def _middleware_summary(text: str) -> list[str]:
+    """The lines of `fastgate check` output under `middlewares:`, stripped."""
+    lines = text.splitlines()
+    try:
+        start = lines.index("middlewares:") + 1
+    except ValueError:
+        return []
+    block = []
+    for line in lines[start:]:
+        if not line.startswith(" "):
+            break
+        block.append(line.strip())
+    return block
+
+
+def probe_rate_limit(
+    procs: Processes, name: str, store: str, origin_port: int, redis: RedisServer | None
+) -> None:
+    """Show that the middleware decides on the request path with this store: the target's
+    config with a limit of PROBE_BURST at once (under another middleware name, so it shares no
+    Redis key with the measured one) must answer 200 PROBE_BURST times, then 429."""
+    config = rl_config(
+        store,
+        free_port(),
+        origin_port,
+        redis.port if redis else None,
+        middleware="rl_probe",
+        rate=PROBE_RATE,
+        burst=PROBE_BURST,
+    )
+    proc, _, port, _ = start_rl_gateway(procs, f"{name}-probe", config)
+    statuses = []
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            for _ in range(PROBE_BURST + 1):
+                conn.request("GET", "/", headers={"Host": "bench.local"})
+                resp = conn.getresponse()
+                resp.read()
+                statuses.append(resp.status)
+        except (OSError, http.client.HTTPException) as exc:
+            raise BenchError(f"{name}: rate-limit probe: {exc!r}") from exc
+        finally:
+            conn.close()
+    finally:
+        procs.stop(proc)
+    if statuses != [200] * PROBE_BURST + [429]:
+        raise BenchError(
+            f"{name}: a limit of {PROBE_BURST} at once answered {statuses}, expected "
+            f"{PROBE_BURST} x 200 then 429: the rate limit is not on the request path"
+        )
+    print(f"check: {name}: a {PROBE_RATE} burst {PROBE_BURST} limit answered {statuses}")
+
+
+def start_rl_target(
+    procs: Processes, name: str, origin_port: int, summaries: dict[str, list[str]]
+) -> Target:
+    """Start one rate-limit target (and its Redis, for the hybrid and redis stores) after the
+    probe showed its limit is applied; record `fastgate check`'s summary in `summaries`."""
+    store = RL_TARGETS[name]
+    redis = RedisServer(procs, name) if store != "local" else None
+    probe_rate_limit(procs, name, store, origin_port, redis)
+    config = rl_config(
+        store,
+        free_port(),
+        origin_port,
+        redis.port if redis else None,
+        middleware="rl",
+        rate=RL_RATE,
+        burst=RL_BURST,
+    )
+    proc, log, port, summaries[name] = start_rl_gateway(procs, name, config)
+    print(f"{name}: " + "; ".join(summaries[name][1:]))
+    return Target(name, port, proc, log, proxied=True, redis=redis)
+
+
 def start_targets(
-    procs: Processes, names: Sequence[str], fastgate_cmd: str
+    procs: Processes, names: Sequence[str], fastgate_cmd: str, summaries: dict[str, list[str]]
 ) -> tuple[Target, dict[str, Target], dict[str, bytes]]:
-    """Start the origin and every requested target; return origin, targets by name, bodies."""
+    """Start the origin and every requested target; return origin, targets by name, bodies.
+    The rate-limit targets' `fastgate check` summaries go in `summaries`."""
     expected = make_www(procs.workdir / "www")
     origin_port = free_port()
     origin = start_nginx(
@@ -434,6 +752,8 @@ def start_targets(
             targets[name] = start_haproxy(procs, origin_port)
         elif name == "fastgate":
             targets[name] = start_fastgate(procs, origin_port, fastgate_cmd)
+        elif name in RL_TARGETS:
+            targets[name] = start_rl_target(procs, name, origin_port, summaries)
     return origin, targets, expected
 
 
@@ -454,6 +774,8 @@ def check_bodies(
                     except (OSError, http.client.HTTPException) as exc:
                         raise BenchError(f"{target.name} GET {size.path}: {exc!r}") from exc
                     where = f"{target.name} GET {size.path} (request {attempt})"
+                    if resp.status == 429 and target.name in RL_TARGETS:
+                        raise BenchError(f"{where}: 429: the never-tripping limit refused")
                     if resp.status != 200:
                         raise BenchError(f"{where}: status {resp.status}")
                     if body != expected[size.key]:
@@ -623,11 +945,13 @@ def measure(
     duration: int,
     warmup: int,
 ) -> Run:
-    """A warm-up run (not recorded), then a recorded run with the proxy's and origin's CPU."""
+    """A warm-up run (not recorded), then a recorded run with the proxy's and origin's CPU
+    (and, for a target with a Redis, what the run cost Redis)."""
     if warmup > 0:
         run_wrk(procs, target.port, scenario, warmup)
     proxy_pids = process_tree(target.proc.pid) if target.proxied else []
     origin_pids = process_tree(origin.proc.pid)
+    redis_before = target.redis.snapshot() if target.redis else None
     proxy_before, origin_before = cpu_ticks(proxy_pids), cpu_ticks(origin_pids)
     cores_before, wrk_before, t0 = core_ticks(), children_cpu_us(), time.monotonic()
     wrk = run_wrk(procs, target.port, scenario, duration)
@@ -637,6 +961,14 @@ def measure(
     origin_us = cpu_delta_us(origin_before, origin_after)
     ours = {PROXY_CORE: proxy_us, LOAD_CORE: origin_us + wrk_after - wrk_before}
     errors = list(wrk.errors)
+    if target.name in RL_TARGETS and any("non-2xx" in e for e in wrk.errors):
+        errors.append("a never-tripping rate limit must answer no 429")
+    redis = None
+    if target.redis and redis_before:
+        redis, redis_errors = target.redis.delta(redis_before, target.redis.snapshot())
+        errors += redis_errors
+        ours[LOAD_CORE] += redis["cpu_us"] or 0.0
+        errors += redis_use_errors(RL_TARGETS[target.name], redis, wrk.requests)
     if target.proc.poll() is not None:
         errors.append(f"{target.name} exited with status {target.proc.returncode}")
     if target.proxied and proxy_after.keys() != proxy_before.keys():
@@ -659,7 +991,22 @@ def measure(
         other_load_pct=other_load(cores_before, cores_after, ours, (t1 - t0) * 1e6),
         proxy_pids=proxy_pids,
         wrk_output=wrk.output,
+        redis=redis,
     )
+
+
+def redis_use_errors(store: str, redis: dict[str, Any], requests: int) -> list[str]:
+    """A Redis store that did not use Redis measured the local fallback (fail_open), not
+    itself: the redis store runs one script per decision, the hybrid store syncs."""
+    scripts = redis["scripts"]
+    if store == "redis" and scripts < requests:
+        return [
+            f"Redis ran {scripts:.0f} scripts for {requests} requests: some decisions did "
+            "not reach Redis (outage, local fallback)"
+        ]
+    if store == "hybrid" and requests and scripts <= 0:
+        return ["the hybrid store sent Redis no sync during the run"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,26 +1020,61 @@ def spread(values: Sequence[float]) -> dict[str, float] | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def round_ratios(
+    runs: Sequence[Run], scenario: str, target: str, baseline: str
+) -> tuple[list[float], list[float]]:
+    """req/s and CPU µs/req of `target` ÷ those of `baseline`, one pair per round in which
+    both runs of `scenario` are valid."""
+    by_key = {(r.round, r.scenario, r.target): r for r in runs}
+    rps_ratio, cpu_ratio = [], []
+    for rnd in sorted({r.round for r in runs}):
+        run, base = by_key.get((rnd, scenario, target)), by_key.get((rnd, scenario, baseline))
+        if not (run and base and run.valid and base.valid and base.rps):
+            continue
+        rps_ratio.append(run.rps / base.rps)
+        if run.cpu_us_per_req is not None and base.cpu_us_per_req:
+            cpu_ratio.append(run.cpu_us_per_req / base.cpu_us_per_req)
+    return rps_ratio, cpu_ratio
+
+
+def per_request(runs: Sequence[Run], key: str, scale: float) -> dict[str, float] | None:
+    """Spread of a Redis figure of each run (`Run.redis[key]`) times `scale`, per request."""
+    values = []
+    for r in runs:
+        value = r.redis.get(key) if r.redis is not None else None
+        if value is not None and r.requests:
+            values.append(value * scale / r.requests)
+    return spread(values)
+
+
 def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Sequence[str]) -> dict:
     """Per scenario and target: medians and min-max across rounds of the valid runs, and the
-    ratios to nginx computed within each round (rounds where both runs are valid)."""
-    by_key = {(r.round, r.scenario, r.target): r for r in runs}
-    rounds = sorted({r.round for r in runs})
+    ratios to nginx computed within each round (rounds where both runs are valid). The
+    rate-limit targets also get their ratios to plain fastgate, computed the same way, and the
+    Redis ones their Redis figures per request."""
     summary: dict[str, dict[str, Any]] = {}
     for sc in scenarios:
         summary[sc.name] = {}
         for name in targets:
             mine = [r for r in runs if r.scenario == sc.name and r.target == name]
             ok = [r for r in mine if r.valid]
-            rps_ratio, cpu_ratio = [], []
-            for rnd in rounds:
-                run, base = by_key.get((rnd, sc.name, name)), by_key.get((rnd, sc.name, BASELINE))
-                if not (run and base and run.valid and base.valid and base.rps):
-                    continue
-                rps_ratio.append(run.rps / base.rps)
-                if run.cpu_us_per_req is not None and base.cpu_us_per_req:
-                    cpu_ratio.append(run.cpu_us_per_req / base.cpu_us_per_req)
+            rps_ratio, cpu_ratio = round_ratios(runs, sc.name, name, BASELINE)
             cpu = [r.cpu_us_per_req for r in ok if r.cpu_us_per_req is not None]
+            if name in RL_TARGETS:
+                fg_rps, fg_cpu = round_ratios(runs, sc.name, name, FASTGATE)
+                vs_fastgate = FASTGATE in targets
+                rate_limit: dict[str, Any] | None = {
+                    "store": RL_TARGETS[name],
+                    "rps_ratio_fastgate": spread(fg_rps) if vs_fastgate else None,
+                    "cpu_ratio_fastgate": spread(fg_cpu) if vs_fastgate else None,
+                    "redis_scripts_per_1k": per_request(ok, "scripts", 1000),
+                    "redis_commands_per_1k": per_request(ok, "commands", 1000),
+                    "redis_round_trips_per_1k": per_request(ok, "round_trips", 1000),
+                    "redis_read_events_per_1k": per_request(ok, "read_events", 1000),
+                    "redis_cpu_us_per_req": per_request(ok, "cpu_us", 1),
+                }
+            else:
+                rate_limit = None
             summary[sc.name][name] = {
                 "runs": len(mine),
                 "valid": len(ok),
@@ -707,6 +1089,7 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
                     key: max((r.other_load_pct[key] for r in mine), default=0.0)
                     for key in (f"core{PROXY_CORE}", f"core{LOAD_CORE}", "steal")
                 },
+                "rate_limit": rate_limit,
             }
     return summary
 
@@ -752,8 +1135,17 @@ def markdown(
         f"wrk (-t1) on core {LOAD_CORE}",
         f"- req/s: median (min{DASH}max) across rounds; ratios to nginx computed within each "
         "round; p50/p99: medians; CPU µs/req: the proxy's process tree utime+stime ÷ requests",
-        "",
     ]
+    if rl := cfg.get("rate_limit"):
+        lines.append(
+            f"- rate-limit targets: `fastgate run`, 1 worker, `rate_limit` on the route "
+            f"(key client_ip, {rl['rate']}, burst {rl['burst']:,}; hybrid: default "
+            f"sync_interval), Redis on core {LOAD_CORE}; ratios to plain fastgate computed "
+            "within each round; Redis scripts: EVALSHA calls (what the gateway sends), "
+            "commands: all Redis ran (a script runs 3 more), round trips: data segments the "
+            "gateway sent Redis (TCP_INFO; one per auto-pipelined write)"
+        )
+    lines.append("")
     for sc in scenarios:
         lines += [
             f"## {sc.title}",
@@ -779,6 +1171,7 @@ def markdown(
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", other_load_note([summary[sc.name][name] for name in targets]), ""]
+        lines += rate_limit_table(summary[sc.name], targets, many)
     bad = [r for r in runs if not r.valid]
     if bad:
         lines += ["## Invalid runs (left out of the figures)", ""]
@@ -787,6 +1180,40 @@ def markdown(
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+def rate_limit_table(rows: dict[str, dict], targets: Sequence[str], many: bool) -> list[str]:
+    """Under a scenario's table: each rate-limit target against plain fastgate in the same
+    round, and what it asked of Redis per request (nothing when no such target ran)."""
+    names = [name for name in targets if name in RL_TARGETS]
+    if not names:
+        return []
+    lines = [
+        f"Rate limit on the route (never tripping; ratios to `{FASTGATE}` in the same round):",
+        "",
+        "| target | store | req/s | req/s ratio to fastgate | CPU µs/req | CPU ratio to fastgate "
+        "| Redis scripts / 1k req | Redis commands / 1k req | Redis round trips / 1k req "
+        "| Redis CPU µs/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        row, rl = rows[name], rows[name]["rate_limit"]
+        cells = [
+            name,
+            rl["store"],
+            fmt_spread(row["rps"], 0, False),
+            fmt_spread(rl["rps_ratio_fastgate"], 2, many),
+            fmt_spread(row["cpu_us_per_req"], 1, many),
+            fmt_spread(rl["cpu_ratio_fastgate"], 2, many),
+            fmt_spread(rl["redis_scripts_per_1k"], 1, many),
+            fmt_spread(rl["redis_commands_per_1k"], 1, many),
+            fmt_spread(rl["redis_round_trips_per_1k"], 1, many),
+            fmt_spread(rl["redis_cpu_us_per_req"], 1, many),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if FASTGATE not in targets:
+        lines += ["", f"(`{FASTGATE}` was not among the targets: no ratios.)"]
+    return [*lines, ""]
 
 
 def other_load_note(rows: Sequence[dict]) -> str:
@@ -868,11 +1295,13 @@ def machine_info(targets: Sequence[str]) -> dict:
     }
     if "haproxy" in targets:
         versions["haproxy"] = command_output(["haproxy", "-v"])
-    if "fastgate" in targets:
+    if any(t == FASTGATE or t in RL_TARGETS for t in targets):
         versions["fastgate"] = command_output(
             [sys.executable, "-c", "import fastgate; print(getattr(fastgate, '__version__', '?'))"],
             cwd=REPO,
         )
+    if any(RL_TARGETS.get(t, "local") != "local" for t in targets):
+        versions["redis"] = command_output(["redis-server", "--version"])
     commit = command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = command_output(["git", "-C", str(REPO), "status", "--porcelain"])
     return {
@@ -915,7 +1344,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each run")
     ap.add_argument("--connections", default="50,200", help="keep-alive connections per scenario")
     ap.add_argument("--sizes", default="small,16k", help=f"body sizes: {','.join(SIZES)}")
-    ap.add_argument("--targets", default=",".join(ALL_TARGETS), help="targets, in run order")
+    ap.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"targets, in run order, from {','.join(ALL_TARGETS)}",
+    )
     ap.add_argument(
         "--fastgate-cmd",
         default=DEFAULT_FASTGATE_CMD,
@@ -948,6 +1381,8 @@ def require_tools(targets: Sequence[str]) -> None:
     needed = {"taskset": "util-linux", "wrk": "wrk", "nginx": "nginx"}
     if "haproxy" in targets:
         needed["haproxy"] = "haproxy"
+    if any(RL_TARGETS.get(t, "local") != "local" for t in targets):
+        needed["redis-server"] = "redis-server"
     missing = [
         f"{prog} (Debian package {pkg})" for prog, pkg in needed.items() if not shutil.which(prog)
     ]
@@ -994,11 +1429,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fastgate-bench-"))
     procs = Processes(workdir)
     runs: list[Run] = []
+    rl_summaries: dict[str, list[str]] = {}
+    targets: dict[str, Target] = {}
     try:
         require_tools(args.targets)
         raise_fd_limit()
         machine = machine_info(args.targets)
-        origin, targets, expected = start_targets(procs, args.targets, args.fastgate_cmd)
+        origin, targets, expected = start_targets(
+            procs, args.targets, args.fastgate_cmd, rl_summaries
+        )
         check_bodies(targets.values(), [SIZES[s] for s in args.sizes], expected)
         total = args.rounds * len(scenarios) * len(targets)
         eta = total * (args.duration + args.warmup)
@@ -1018,6 +1457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: processes stopped, no results written", file=sys.stderr)
         return 130
     finally:
+        for target in targets.values():
+            if target.redis:
+                target.redis.close()
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -1033,13 +1475,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "proxy_core": PROXY_CORE,
         "load_core": LOAD_CORE,
     }
+    if rl_summaries:
+        config["rate_limit"] = {
+            "rate": RL_RATE,
+            "burst": RL_BURST,
+            "key": "client_ip",
+            "probe": {"rate": PROBE_RATE, "burst": PROBE_BURST},
+            "fastgate_check": rl_summaries,  # `fastgate check`'s words for each target's limit
+        }
     meta = {
         "timestamp": started.isoformat(timespec="seconds"),
         "machine": machine,
         "config": config,
     }
     md = markdown(summary, runs, scenarios, args.targets, meta)
-    report = {**meta, "schema": 1, "summary": summary, "runs": [asdict(r) for r in runs]}
+    report = {**meta, "schema": 2, "summary": summary, "runs": [asdict(r) for r in runs]}
     written = write_results(
         args.out, stamp, report, md, lambda p: write_chart(summary, scenarios, args.targets, p)
     )
@@ -1052,15 +1502,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def progress_line(run: Run, rounds: int) -> str:
     """One line per recorded run while the suite is going."""
     cpu = f"{run.cpu_us_per_req:.1f} µs/req" if run.cpu_us_per_req is not None else DASH
-    head = f"[round {run.round}/{rounds}] {run.scenario:<11} {run.target:<9}"
+    head = f"[round {run.round}/{rounds}] {run.scenario:<11} {run.target:<18}"
     if not run.valid:
         return f"{head} INVALID: {'; '.join(run.errors)}"
     p50, p99 = run.latency_us["p50"], run.latency_us["p99"]
     other = "/".join(f"{run.other_load_pct[f'core{c}']:.0f}%" for c in (PROXY_CORE, LOAD_CORE))
-    return (
+    line = (
         f"{head} {fmt_num(run.rps):>9} req/s  p50 {fmt_latency(p50):>9}  "
         f"p99 {fmt_latency(p99):>9}  cpu {cpu:<12}  other load {other}"
     )
+    if run.redis and run.requests:
+        per_k = 1000 / run.requests
+        trips = run.redis["round_trips"]
+        line += f"  redis {run.redis['scripts'] * per_k:.1f} scripts/1k"
+        line += f" {trips * per_k:.1f} rt/1k" if trips is not None else ""
+    return line
 
 
 if __name__ == "__main__":
