@@ -41,7 +41,6 @@ answered, in order, then the connection closes; inside a tunnel the FIN is passe
 
 import asyncio
 import os
-import socket
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -65,8 +64,6 @@ cdef enum:
     LINGER_MS = 2000           # after an error close, read and discard for this long
     TAIL_COPY_MAX = 65536      # body bytes sent in the same write as the response head
 
-cdef object _CONTINUE = None
-cdef str _HEX = "0123456789abcdef"
 
 
 cdef class Engine:
