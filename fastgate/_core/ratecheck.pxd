@@ -81,6 +81,11 @@ cdef class LimitSet:
     cdef long long _dry_log_at[MAX_LIMITS]          # when the next dry-run log may be written
     cdef readonly object dry_log       # dry_log(index, key, refusals since last) or None
     cdef readonly long long dry_log_every_us
+    cdef readonly tuple tallies        # hybrid store: per limit a RateLimiter used as a tally
+                                       #   (add_c of cost * T per admission), or None
+    cdef long long _amounts[MAX_LIMITS]  # cost * T per limit, what an admission adds
+    cdef public bint down              # hybrid store: not synced (Redis down, not started):
+                                       #   a RateCheck hands its decisions to its fallback
 
     # One decision for key at now_us. Returns the index of the limit that refused, or -1;
     # `out` holds that limit's decision, or (when admitted) the most restrictive one (least
@@ -108,4 +113,5 @@ cdef class RateCheck(CoreCheck):
     cdef readonly object reject         # reject(index, Decision as tuple, key) -> reply
     cdef readonly object reject_busy    # reject_busy(key) -> reply (in_flight refused)
     cdef readonly bint skip_absent      # a key with an absent part is not limited
+    cdef readonly object fallback       # fallback(key) -> reply or None, while limits.down
     cdef object _decide(self, ConnCore conn, char *buf, Py_ssize_t n)

@@ -59,6 +59,9 @@ class LimitSet:
     n: int
     dry_log: Callable[[int, bytes, int], None] | None
     dry_log_every_us: int
+    tallies: tuple[RateLimiter, ...] | None
+    down: bool
+    """Hybrid store: not synced with Redis; a RateCheck hands decisions to its fallback."""
     def __init__(
         self,
         limiters: Sequence[RateLimiter],
@@ -66,7 +69,10 @@ class LimitSet:
         dry_runs: Sequence[bool],
         dry_log: Callable[[int, bytes, int], None] | None = None,
         dry_log_every: float = 10.0,
-    ) -> None: ...
+        tallies: Sequence[RateLimiter] | None = None,
+    ) -> None:
+        """With `tallies` (hybrid store), each admission adds cost x T of its limit to the
+        key's sum in that limit's tally (RateLimiter.add)."""
     def decide(self, key: bytes, now: float | None = None) -> tuple[int, int, int, int, int]:
         """(refused index or -1, remaining, reset_after_us, retry_after_us, limit): of the
         refusing limit, else of the most restrictive enforcing one."""
@@ -89,7 +95,7 @@ class InFlight:
     def in_flight(self, key: bytes) -> int: ...
 
 class RateCheck(CoreCheck):
-    """A rate_limit middleware run in C on one route (local store, head-only key)."""
+    """A rate_limit middleware run in C on one route (local or hybrid store, head-only key)."""
 
     keys: KeyBuilder
     limits: LimitSet | None
@@ -97,6 +103,7 @@ class RateCheck(CoreCheck):
     reject: Callable[[int, int, int, int, int, bytes], Any]
     reject_busy: Callable[[bytes], Any]
     skip_absent: bool
+    fallback: Callable[[bytes], Any] | None
     def __init__(
         self,
         keys: KeyBuilder,
@@ -105,4 +112,6 @@ class RateCheck(CoreCheck):
         reject: Callable[[int, int, int, int, int, bytes], Any],
         reject_busy: Callable[[bytes], Any],
         skip_absent: bool = False,
-    ) -> None: ...
+        fallback: Callable[[bytes], Any] | None = None,
+    ) -> None:
+        """`fallback(key)` decides (reply or None) instead while `limits.down`."""

@@ -55,6 +55,14 @@
 # connection is known to be open, before any await. Only keys with requests in flight are
 # stored.
 #
+# Hybrid store. A LimitSet built with `tallies` (one RateLimiter per limit used as a key ->
+# amount tally, see ratelimit.pyx) adds cost * T to the key's tally on every admission, in C;
+# the store's sync task drains the tallies, pushes them to Redis and raises the local TATs
+# from the global debts (fastgate/ratelimit/hybrid.py). While the store is not synced (Redis
+# down, or its sync task not yet started) it sets `down`, and a RateCheck hands the decision
+# to its `fallback` (the Python path, which applies the outage policy): the only Python call
+# of the hybrid C path, and only then.
+#
 # Bounds
 # ------
 # Per request (C path): one pass over the key parts; a header part is one Head.find (linear
@@ -483,7 +491,8 @@ cdef class LimitSet:
     at most once per `dry_log_every` seconds per limit (refusals: how many since the last
     call); exceptions from it are swallowed (it only logs)."""
 
-    def __init__(self, limiters, costs, dry_runs, dry_log=None, double dry_log_every=10.0):
+    def __init__(self, limiters, costs, dry_runs, dry_log=None, double dry_log_every=10.0,
+                 tallies=None):
         cdef int i
         limiters = tuple(limiters)
         costs = tuple(costs)
@@ -503,6 +512,16 @@ cdef class LimitSet:
             self._denied[i] = 0
             self._dry_pending[i] = 0
             self._dry_log_at[i] = 0
+        if tallies is not None:
+            tallies = tuple(tallies)
+            if len(tallies) != len(limiters):
+                raise ValueError("one tally per limit")
+            for i in range(len(limiters)):
+                if not isinstance(tallies[i], RateLimiter):
+                    raise TypeError(f"tally {i} is not a RateLimiter")
+                self._amounts[i] = <long long>costs[i] * (<RateLimiter>limiters[i]).emission_us
+        self.tallies = tallies
+        self.down = False
         self.limiters = limiters
         self.n = len(limiters)
         self.dry_log = dry_log
@@ -517,6 +536,8 @@ cdef class LimitSet:
             (<RateLimiter>self.limiters[i]).decide_c(key, klen, now_us, self.costs[i], &d)
             if d.allowed:
                 self._allowed[i] += 1
+                if self.tallies is not None:
+                    (<RateLimiter>self.tallies[i]).add_c(key, klen, self._amounts[i])
                 if not self.dry[i] and (not have or d.remaining < out.remaining):
                     out[0] = d
                     have = True
@@ -616,7 +637,7 @@ cdef class RateCheck(CoreCheck):
     the rare path). With `skip_absent`, a request whose key has an absent part passes."""
 
     def __init__(self, KeyBuilder keys not None, LimitSet limits, InFlight inflight,
-                 reject, reject_busy, bint skip_absent=False):
+                 reject, reject_busy, bint skip_absent=False, fallback=None):
         if keys.needs_extras:
             raise ValueError("a RateCheck key cannot use identity parts (extras)")
         if limits is None and inflight is None:
@@ -627,6 +648,7 @@ cdef class RateCheck(CoreCheck):
         self.reject = reject
         self.reject_busy = reject_busy
         self.skip_absent = skip_absent
+        self.fallback = fallback
 
     cdef object check(self, ConnCore conn, RequestHead head):
         cdef char stack[KEY_STACK]
@@ -666,6 +688,10 @@ cdef class RateCheck(CoreCheck):
                 return self.reject_busy(PyBytes_FromStringAndSize(buf, n))
             conn.add_done(self)
         if self.limits is not None:
+            if self.limits.down and self.fallback is not None:
+                # The hybrid store is not synced (Redis down, or its sync task not started):
+                # its Python path applies the outage policy (fail_open / fail_closed).
+                return self.fallback(PyBytes_FromStringAndSize(buf, n))
             i = self.limits.decide_c(buf, n, monotonic_us(), &d)
             if i >= 0:
                 return self.reject(i, d.remaining, d.reset_after_us, d.retry_after_us,

@@ -62,6 +62,7 @@ cdef class RateLimiter:
     cdef readonly long long emission_us   # T = round(period_us / rate)
     cdef readonly unsigned long long evictions  # live buckets forgotten because the table was full
     cdef readonly unsigned long long reclaimed  # full buckets removed (sweep or eviction)
+    cdef readonly unsigned long long overflowed # add_c calls dropped: a tally table was full
     cdef GcraParams _p
     cdef void *_raw                   # allocation holding _slots (aligned inside it)
     cdef Slot *_slots
@@ -90,3 +91,11 @@ cdef class RateLimiter:
     # (retry_after_us = -1) and stores nothing.
     cdef bint decide_c(self, const char *key, Py_ssize_t klen, long long now_us, int cost,
                        Decision *out) noexcept
+
+    # The hybrid store's sync (see "Tally tables" in ratelimit.pyx). raise_tat stores
+    # max(stored TAT, tat_us) for key (inserting, with eviction, when absent and tat_us is in
+    # the future). add_c uses the table as a tally, key -> accumulated amount (the slot's tat
+    # field): no GCRA, no sweep, no eviction; when max_keys keys are held the amount is
+    # dropped and `overflowed` counts it. drain() returns the tally and empties it.
+    cpdef raise_tat(self, bytes key, long long tat_us)
+    cdef void add_c(self, const char *key, Py_ssize_t klen, long long amount) noexcept

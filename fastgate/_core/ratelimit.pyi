@@ -42,6 +42,8 @@ class RateLimiter:
     through up to `burst` extra requests). Non-zero means max_keys is too small."""
     reclaimed: int
     """Full buckets removed by the sweep or by eviction (harmless)."""
+    overflowed: int
+    """Tally use: add() calls for a new key dropped because max_keys keys were held."""
 
     def __init__(
         self, rate: float, period: float = 1.0, burst: int = 0, max_keys: int = 1_000_000
@@ -59,6 +61,16 @@ class RateLimiter:
         """Bytes allocated by the table: the slot array and the long keys' copies."""
     def clear(self) -> None:
         """Forget every key and return to the initial 16-slot array."""
+    def raise_tat(self, key: bytes, tat_us: int) -> None:
+        """Store max(stored TAT, tat_us) for `key` (inserted, with eviction at max_keys, when
+        absent and tat_us is after now). The hybrid store's sync."""
+    def tat(self, key: bytes) -> int | None:
+        """The stored TAT (tally: the sum) of `key`, or None when it holds no slot."""
+    def add(self, key: bytes, amount: int) -> None:
+        """Tally use: add `amount` to `key`'s sum (dropped, and counted in `overflowed`, for a
+        new key when max_keys keys are held)."""
+    def drain(self) -> list[tuple[bytes, int]]:
+        """Tally use: every (key, sum) held; the table is emptied."""
     def _check(self) -> None:
         """Raise AssertionError if a table invariant is broken (tests only; O(capacity))."""
     def _probe_stats(self) -> tuple[int, int, float, int]:

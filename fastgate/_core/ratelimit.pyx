@@ -64,6 +64,19 @@
 # cache-resident, ~80 ns at 100k keys, ~200 ns at 1M keys (a cache and TLB miss per decision);
 # filling 1M keys from empty, growth included, ~0.6-0.75 us per insert.
 #
+# Tally tables (the hybrid store). The same table serves two more uses, both for the store's
+# sync with Redis (fastgate/ratelimit/hybrid.py). raise_tat(key, tat) stores max(stored, tat),
+# inserting like a decision does (growth, then eviction at max_keys) when the key is absent
+# and tat is in the future: how the global debt pulled from Redis reaches the local buckets.
+# add_c(key, amount) treats a second RateLimiter as a key -> accumulated amount map (the
+# consumption, cost * T microseconds, admitted since the last sync): the slot's tat field is
+# the sum, there is no GCRA, no sweep and no eviction. When max_keys keys are already held an
+# add for a new key is dropped (`overflowed` counts it): the sync pushes what the tally holds,
+# and the dropped consumption stays local (this instance enforced it; the others do not learn
+# it: within the overshoot bound only if max_keys covers the keys touched per sync interval).
+# drain() returns [(key, amount), ...] and empties the table (back to the initial array).
+# add_c allocates only for growth and keys over 40 bytes, like decide_c.
+#
 # Failure: if a long key's copy or a growth cannot be allocated, the decision is still made
 # (as for a key without state) and the table stays as it was (growth failure turns into
 # eviction); a limiter never raises from decide_c.
@@ -125,7 +138,7 @@ at most 0.5 / T.
 import math
 import os
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.math cimport ceil, floor, isfinite, llround
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
@@ -412,6 +425,7 @@ cdef class RateLimiter:
         gcra_params(&self._p, emission, burst)
         self.evictions = 0
         self.reclaimed = 0
+        self.overflowed = 0
         self._cap_max = cap_max
 
     def __dealloc__(self):
@@ -670,6 +684,75 @@ cdef class RateLimiter:
                 self._insert(h, key, klen, new_tat, now_us)
                 self._sweep(now_us, SWEEP_INSERT)
         return out.allowed
+
+    # -- tallies and sync (the hybrid store) ----------------------------------------------
+
+    cpdef raise_tat(self, bytes key, long long tat_us):
+        """Store max(stored TAT, tat_us) for `key`; insert it (growth or eviction as for a
+        decision) when absent and tat_us is after now."""
+        cdef const char *k = PyBytes_AS_STRING(key)
+        cdef Py_ssize_t klen = PyBytes_GET_SIZE(key)
+        cdef uint64_t h
+        cdef Py_ssize_t pos
+        cdef int64_t now
+        if <uint64_t>klen > MAX_KLEN:
+            raise ValueError("key is longer than 2**32 - 1 bytes")
+        if tat_us > MAX_US or tat_us < -MAX_US:
+            raise ValueError(f"tat must be within +-2**61 microseconds, got {tat_us}")
+        h = fg_rl_hash(k, <size_t>klen)
+        pos = self._find(h, k, klen)
+        if pos >= 0:
+            if self._slots[pos].tat < tat_us:
+                self._slots[pos].tat = tat_us
+            return
+        now = fg_rl_clock_us()
+        if tat_us > now:
+            self._insert(h, k, klen, tat_us, now)
+            self._sweep(now, SWEEP_INSERT)
+
+    cdef void add_c(self, const char *key, Py_ssize_t klen, long long amount) noexcept:
+        cdef uint64_t h
+        cdef Py_ssize_t pos
+        if klen < 0 or <uint64_t>klen > MAX_KLEN:
+            return
+        h = fg_rl_hash(key, <size_t>klen)
+        pos = self._find(h, key, klen)
+        if pos >= 0:
+            self._slots[pos].tat += amount
+            return
+        if self._count >= self.max_keys:
+            self.overflowed += 1
+            return
+        # now = -MAX_US: should a growth fail, _evict sees no slot as "full" and drops the
+        # smallest tally of its sample.
+        self._insert(h, key, klen, amount, -MAX_US)
+
+    def add(self, bytes key not None, long long amount):
+        """Tally: add `amount` to `key`'s sum (see add_c)."""
+        if <uint64_t>PyBytes_GET_SIZE(key) > MAX_KLEN:
+            raise ValueError("key is longer than 2**32 - 1 bytes")
+        self.add_c(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), amount)
+
+    def tat(self, bytes key not None):
+        """The stored TAT (tally: the sum) of `key`, or None when it holds no slot."""
+        cdef uint64_t h = fg_rl_hash(PyBytes_AS_STRING(key), <size_t>PyBytes_GET_SIZE(key))
+        cdef Py_ssize_t pos = self._find(h, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+        return self._slots[pos].tat if pos >= 0 else None
+
+    def drain(self):
+        """Tally: [(key, sum), ...] of every key held, and empty the table."""
+        cdef Py_ssize_t i
+        cdef Slot *s
+        out = []
+        if self._count == 0:
+            return out
+        for i in range(self._cap):
+            s = &self._slots[i]
+            if s.dist != 0:
+                out.append((PyBytes_FromStringAndSize(_slot_key(s), s.klen), s.tat))
+        if self._reset(min(<Py_ssize_t>INITIAL_CAP, self._cap_max)) < 0:
+            raise MemoryError()
+        return out
 
     def decide(self, bytes key not None, int cost=1, now=None):
         """One decision for `key` (bytes) of `cost` (>= 0) at `now` (seconds of the monotonic

@@ -14,9 +14,11 @@
 Every option, and the behaviour of each store, is in docs/rate-limiting.md. This module is
 the small unit STYLE.md §7 asks for: options validated once (fastgate.ratelimit.options),
 then per request: extract the key, decide, refuse or continue. Where the request head alone
-gives the key and the store is local, `core_check(route)` hands the route a C check
+gives the key and the store is local or hybrid, `core_check(route)` hands the route a C check
 (fastgate._core.ratecheck.RateCheck) and this class's `on_request` never runs for it; both
-paths share the same buckets and counters.
+paths share the same buckets and counters. A hybrid check decides in C while its store is
+synced with Redis and hands decisions to the store's Python path while it is not (the outage
+policy).
 """
 
 from __future__ import annotations
@@ -119,17 +121,28 @@ class RateLimit:
         return builder
 
     def core_check(self, route: str) -> RateCheck | None:
-        """A C check for `route` when the key needs no identity and the store is local."""
-        if not self.options.in_c:
+        """A C check for `route` when the key needs no identity and the store is local, or
+        hybrid (its LimitSet, with the outage policy in Python as the fallback)."""
+        opts = self.options
+        if opts.in_c:
+            limits, fallback = self.local, None
+        elif opts.store == "hybrid" and self.store is not None and all(p.in_c for p in opts.key):
+            limits, fallback = self.store.limits, self._hybrid_fallback
+        else:
             return None
         return RateCheck(
             self.keys_for(route),
-            self.local,
+            limits,
             self.inflight,
             self._reject,
             self._reject_busy,
             self.skip_absent,
+            fallback,
         )
+
+    def _hybrid_fallback(self, key: bytes) -> LocalReply | None:
+        """The hybrid C check while its store is not synced: the store's Python path."""
+        return self._verdict(self.store.decide(key), key)
 
     def describe(self) -> list[str]:
         return describe(self.options, self.routes, self.workers)

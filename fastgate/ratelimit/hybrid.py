@@ -1,12 +1,16 @@
 """The `hybrid` store: decide locally, reconcile with Redis every `sync_interval`.
 
-Each worker keeps a TAT per key and limit (the GCRA arithmetic of fastgate._core.ratelimit,
-in Python integers, exact) and decides alone: no Redis round trip on the request path. What it
-admits is recorded as consumption (cost x T microseconds per request). Every sync_interval
-(default 50 ms) one background task pushes, for every key touched since the last sync, the
-consumption to Redis with SYNC_SCRIPT, which adds it to the shared TAT (from Redis's `TIME`)
-and returns the shared debt (TAT - now); the local TAT becomes the later of its own and
-now + that debt. All of one sync goes out in one write (the client auto-pipelines).
+Each worker keeps a TAT per key and limit in C (a LimitSet over one RateLimiter per limit,
+fastgate._core.ratelimit/ratecheck: the same tables and arithmetic as the `local` store) and
+decides alone: no Redis round trip on the request path, and where the key comes from the
+request head the decision runs as the route's CoreCheck, with no Python call at all. What it
+admits is recorded, also in C, as consumption: cost x T microseconds added to the key's sum in
+a tally table per limit (a second RateLimiter used as a key -> amount map). Every
+sync_interval (default 50 ms) one background task drains the tallies and pushes, for every key
+admitted since the last sync, the consumption to Redis with SYNC_SCRIPT, which adds it to the
+shared TAT (from Redis's `TIME`) and returns the shared debt (TAT - now); the local TAT
+becomes the later of its own and now + that debt (RateLimiter.raise_tat). All of one sync goes
+out in one write (the client auto-pipelines).
 
 Overshoot bound. Between two syncs an instance does not see what the others admitted. Let N
 be the instances sharing a key, r = rate/per, b the burst, and L = sync_interval + one Redis
@@ -24,22 +28,29 @@ over; the same load in the `redis` store admits within 2 % of 610.
 
 Redis down: the sync fails (or the client reports it unavailable) and the store follows the
 outage policy (fail_open: the local share `limit / expected_instances`; fail_closed: 503)
-until a sync succeeds again; consumption during an outage is not pushed afterwards.
+until a sync succeeds again; consumption during an outage is not pushed afterwards. The C
+check learns of it through the LimitSet's `down` flag, which the store sets while it is not
+synced (also before its sync task has started: the first request starts it): then the check
+hands its decisions to the Python path (`decide`), which applies the policy. The flag follows
+the client's availability at each sync (within sync_interval) and at every Python decision.
 
-Memory: at most `max_keys` keys per limit; past that, keys whose bucket is full are dropped,
-then the oldest inserted. Keys touched between two syncs are held once more for the push.
+Memory: at most `max_keys` keys per limit in the TAT tables (as the local store: full buckets
+reclaimed, then sampled eviction of the oldest TAT), and at most `max_keys` keys per limit in
+the tallies between two syncs. When a tally is full, the consumption of further new keys is
+enforced locally but not pushed (counted in `tally_overflows`): the sync pushes what the
+tally holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastgate._core.ratelimit import gcra, monotonic_us
+from fastgate._core.ratecheck import LimitSet
+from fastgate._core.ratelimit import RateLimiter, monotonic_us
 from fastgate.ratelimit.redis import SYNC_SCRIPT, Outage, Result, redis_keys
 from fastgate.redis import RedisClient, RedisReplyError
 
@@ -49,7 +60,7 @@ log = logging.getLogger("fastgate.rate_limit")
 
 
 class HybridStore:
-    """Local decisions reconciled with Redis; see the module docstring."""
+    """Local decisions (in C) reconciled with Redis; see the module docstring."""
 
     def __init__(
         self,
@@ -75,58 +86,51 @@ class HybridStore:
         self.on_dry_refusal = on_dry_refusal
         self.sync_interval = sync_interval
         self.max_keys = max_keys
-        self.tats: list[dict[bytes, int]] = [{} for _ in range(self.count)]
-        self.pending: dict[bytes, list[int]] = {}
-        self.allowed = [0] * self.count
-        self.denied = [0] * self.count
+        # Rate 1 per period T (seconds) makes the emission interval exactly T microseconds.
+        self.tats = tuple(
+            RateLimiter(1.0, t / 1e6, burst=b, max_keys=max_keys)
+            for t, b in zip(self.emissions, self.bursts, strict=True)
+        )
+        self.tallies = tuple(
+            RateLimiter(1.0, 1.0, burst=1, max_keys=max_keys) for _ in range(self.count)
+        )
+        self.limits = LimitSet(
+            self.tats,
+            self.costs,
+            self.dry_runs,
+            dry_log=self._dry_refusal,
+            dry_log_every=0.0,
+            tallies=self.tallies,
+        )
+        self.limits.down = True  # until the sync task runs (the first decision starts it)
         self.syncs = 0
         self.sync_failed = False
         self._task: asyncio.Task | None = None
         self._closed = False
 
-    # ---- the request path -------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Keys (per limit, summed) admitted since the last sync, waiting to be pushed."""
+        return sum(len(t) for t in self.tallies)
+
+    @property
+    def tally_overflows(self) -> int:
+        return sum(t.overflowed for t in self.tallies)
+
+    def _dry_refusal(self, index: int, key: bytes, refusals: int) -> None:
+        self.on_dry_refusal(index, key)
+
+    # ---- the request path (Python; the C check calls it only while `limits.down`) ------------
 
     def decide(self, key: bytes) -> Result:
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._run())
-        if self.sync_failed or not self.client.available:
+        down = self.sync_failed or not self.client.available
+        self.limits.down = down or self._task is None
+        if down:
             return self.outage.decide(key, "sync failed" if self.sync_failed else "not connected")
-        now = monotonic_us()
-        used = self.pending.get(key)
-        if used is None:
-            used = self.pending[key] = [0] * self.count
-        best: tuple[int, int, int, int] | None = None
-        for i in range(self.count):
-            tats = self.tats[i]
-            # The compiled arithmetic; period = T and rate 1 make its emission exactly T.
-            allowed, store, remaining, reset, retry = gcra(
-                tats.get(key, 0), now, self.emissions[i], 1.0, self.bursts[i], self.costs[i]
-            )
-            if allowed:
-                self.allowed[i] += 1
-                if store > now:
-                    if key not in tats and len(tats) >= self.max_keys:
-                        self._shrink(tats, now)
-                    tats[key] = store
-                used[i] += self.costs[i] * self.emissions[i]
-                if not self.dry_runs[i] and (best is None or remaining < best[1]):
-                    best = (-1, remaining, reset, retry)
-            else:
-                self.denied[i] += 1
-                if self.dry_runs[i]:
-                    self.on_dry_refusal(i, key)
-                else:
-                    return i, remaining, reset, retry
-        return best if best is not None else (-1, 0, 0, 0)
-
-    def _shrink(self, tats: dict[bytes, int], now: int) -> None:
-        """Make room: drop full buckets (they carry nothing), then the oldest inserted."""
-        for k in [k for k, t in tats.items() if t <= now]:
-            del tats[k]
-        excess = len(tats) - self.max_keys * 7 // 8
-        if excess > 0:
-            for k in list(itertools.islice(tats, excess)):
-                del tats[k]
+        index, remaining, reset, retry, _ = self.limits.decide(key)
+        return index, remaining, reset, retry
 
     # ---- the sync task ----------------------------------------------------------------------
 
@@ -139,21 +143,22 @@ class HybridStore:
                 raise
             except Exception:  # a bug here must not stop the syncing
                 log.exception("rate limit hybrid sync failed")
+            self.limits.down = self.sync_failed or not self.client.available
 
     async def sync(self) -> None:
         """Push what was consumed since the last sync and pull the shared debts."""
-        batch, self.pending = self.pending, {}
+        batch = [tally.drain() for tally in self.tallies]
         if not self.client.available:
             return  # requests meanwhile follow the outage policy; the client reconnects
-        if not batch:
+        if not any(batch):
             if self.sync_failed:
                 await self._probe()
             return
         sent: list[tuple[bytes, int, Any]] = []
-        for key, used in batch.items():
-            names = redis_keys(self.prefix, key, self.count)
-            for i in range(self.count):
-                sent.append((key, i, self.client.evalsha(SYNC_SCRIPT.sha, [names[i]], [used[i]])))
+        for i, entries in enumerate(batch):
+            for key, used in entries:
+                name = redis_keys(self.prefix, key, self.count)[i]
+                sent.append((key, i, self.client.evalsha(SYNC_SCRIPT.sha, [name], [used])))
         results = await asyncio.gather(*(f for _, _, f in sent), return_exceptions=True)
         now = monotonic_us()
         failure: BaseException | None = None
@@ -163,9 +168,7 @@ class HybridStore:
                 continue
             debt = int(result)
             if debt > 0:
-                tats = self.tats[i]
-                if tats.get(key, 0) < now + debt:
-                    tats[key] = now + debt
+                self.tats[i].raise_tat(key, now + debt)
         self.syncs += 1
         if failure is None:
             self.sync_failed = False
@@ -177,13 +180,13 @@ class HybridStore:
             self._merge(batch)  # pushed again next time; nothing was lost
             return
         self.sync_failed = True
+        self.limits.down = True
         self.outage.begin(failure)
 
-    def _merge(self, batch: dict[bytes, list[int]]) -> None:
-        for key, used in batch.items():
-            mine = self.pending.setdefault(key, [0] * self.count)
-            for i, us in enumerate(used):
-                mine[i] += us
+    def _merge(self, batch: list[list[tuple[bytes, int]]]) -> None:
+        for tally, entries in zip(self.tallies, batch, strict=True):
+            for key, used in entries:
+                tally.add(key, used)
 
     async def _probe(self) -> None:
         try:
@@ -200,4 +203,4 @@ class HybridStore:
             self._task = None
 
     def stats(self) -> list[dict[str, int]]:
-        return [{"allowed": a, "denied": d} for a, d in zip(self.allowed, self.denied, strict=True)]
+        return self.limits.stats()

@@ -456,3 +456,25 @@ def test_x_forwarded_for_walk_matches_the_oracle(
     h = head(*(f"X-Forwarded-For: {spaces.join(line)}" for line in lines))
     key = key_of([("client_ip", None)], peer, h, trusted=trusted, nets=tuple(nets))
     assert key == addr_part(oracle_client(peer, trusted, nets, lines))
+
+
+# ---- the hybrid store's tallies -------------------------------------------------------------
+
+
+def test_limit_set_tallies_what_it_admits() -> None:
+    first, second = limiter(10, 1, 2), limiter(100, 1, 100)  # T = 100 ms and 10 ms
+    tallies = [RateLimiter(1.0, 1.0, 1), RateLimiter(1.0, 1.0, 1)]
+    ls = LimitSet([first, second], [1, 3], [False, False], tallies=tallies)
+    assert not ls.down and ls.tallies == tuple(tallies)
+    results = [ls.decide(b"k", now=5.0)[0] for _ in range(3)]
+    assert results == [-1, -1, 0]  # the third refused by the first limit
+    # cost x T per admission; the refusal is charged to neither (the second never saw it)
+    assert tallies[0].drain() == [(b"k", 2 * 100_000)]
+    assert tallies[1].drain() == [(b"k", 2 * 3 * 10_000)]
+
+
+def test_limit_set_tallies_validate() -> None:
+    with pytest.raises(ValueError):
+        LimitSet([limiter(1)], [1], [False], tallies=[])
+    with pytest.raises(TypeError):
+        LimitSet([limiter(1)], [1], [False], tallies=[object()])

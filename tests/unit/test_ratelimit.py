@@ -751,3 +751,72 @@ def test_property_eviction_bound(scenario, max_keys) -> None:
     bound = sum(tau + last[k] - first[k] for k in admitted) + tau * rl.evictions
     assert sum(admitted.values()) * T <= bound
     assert rl.memory_bytes() <= cap_max(max_keys) * SLOT + SLOT + max_keys * 60
+
+
+# ---------------------------------------------------------------------------------------------
+# The hybrid store's sync: raise_tat and tally tables (add / drain).
+
+
+@pytest.mark.parametrize(
+    ("stored_ahead", "raise_ahead", "want_ahead"),
+    [
+        pytest.param(None, 2_000_000, 2_000_000, id="absent key, future TAT: inserted"),
+        pytest.param(None, -5, None, id="absent key, past TAT: nothing stored (full bucket)"),
+        pytest.param(500_000, 2_000_000, 2_000_000, id="stored TAT earlier: raised"),
+        pytest.param(3_000_000, 2_000_000, 3_000_000, id="stored TAT later: kept"),
+    ],
+)
+def test_raise_tat_stores_the_later_tat(stored_ahead, raise_ahead, want_ahead) -> None:
+    lim = RateLimiter(2.0, 1.0, 10)  # T = 500 ms
+    now = monotonic_us()
+    if stored_ahead is not None:
+        lim.decide(b"k", cost=stored_ahead // 500_000, now=now / 1e6)
+        assert lim.tat(b"k") == now + stored_ahead
+    lim.raise_tat(b"k", now + raise_ahead)
+    assert lim.tat(b"k") == (None if want_ahead is None else now + want_ahead)
+    lim._check()
+
+
+def test_raised_tat_is_what_decisions_see() -> None:
+    lim = RateLimiter(2.0, 1.0, 4)  # T = 500 ms, tau = 2 s
+    now = monotonic_us()
+    lim.raise_tat(b"k", now + 1_500_000)  # the others spent 3 of 4
+    assert lim.decide(b"k", now=now / 1e6)[:2] == (True, 0)
+    assert lim.decide(b"k", now=now / 1e6)[0] is False
+
+
+def test_raise_tat_honours_max_keys() -> None:
+    lim = RateLimiter(1.0, 1.0, 5, max_keys=8)
+    now = monotonic_us()
+    for i in range(50):
+        lim.raise_tat(b"key-%d" % i, now + 10_000_000 + i)
+    assert len(lim) == 8 and lim.evictions == 42
+    lim._check()
+
+
+@pytest.mark.parametrize(
+    "key_len", [pytest.param(10, id="inline key"), pytest.param(100, id="heap key")]
+)
+def test_tally_adds_and_drains(key_len: int) -> None:
+    tally = RateLimiter(1.0, 1.0, 1, max_keys=100)
+    keys = [bytes([65 + i]) * key_len for i in range(5)]
+    for _ in range(3):
+        for i, k in enumerate(keys):
+            tally.add(k, (i + 1) * 1000)
+    tally.add(keys[0], 0)
+    assert sorted(tally.drain()) == sorted((k, 3 * (i + 1) * 1000) for i, k in enumerate(keys))
+    assert len(tally) == 0 and tally.drain() == []
+    assert tally.memory_bytes() == 16 * SLOT + SLOT  # back to the initial array
+    tally.add(keys[1], 7)
+    assert tally.drain() == [(keys[1], 7)]
+
+
+def test_tally_full_drops_new_keys_and_counts_them() -> None:
+    tally = RateLimiter(1.0, 1.0, 1, max_keys=4)
+    for i in range(10):
+        tally.add(b"k%d" % i, 1)
+    tally.add(b"k0", 5)  # a held key still accumulates
+    assert tally.overflowed == 6
+    assert sorted(tally.drain()) == [(b"k0", 6), (b"k1", 1), (b"k2", 1), (b"k3", 1)]
+    tally.add(b"k9", 1)  # room again after the drain
+    assert tally.drain() == [(b"k9", 1)]
