@@ -640,6 +640,8 @@ cdef class ConnCore:
                            or self.close_after)
         self.rs = RS_NONE
         self.engine.responses += 1
+        # The request body was not read: linger on close, as after an error reply.
+        self.linger = self.head.framing != FRAMING_NONE
         self._write(reply.encode(self.request_id, close))
         self.finish_exchange(close)
 

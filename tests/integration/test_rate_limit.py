@@ -9,7 +9,9 @@ upstream, and the Python path (an identity key). Every request from these tests 
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +58,7 @@ def gw(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
         "shared": {"type": "rate_limit", "rate": "2/minute", "scope": "shared"},
         "perroute": {"type": "rate_limit", "rate": "2/minute", "scope": "route"},
         "forwarded": {"type": "rate_limit", "rate": "1/minute"},
+        "linger": {"type": "rate_limit", "rate": "1/minute"},
         "identity": {
             "type": "rate_limit",
             "rate": "2/minute",
@@ -64,6 +67,7 @@ def gw(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
     }
     routes = [
         route("ietf", ["ietf"]),
+        route("linger", ["linger"]),
         route("legacy", ["legacy"]),
         route("quiet", ["quiet"]),
         route("keyed", ["keyed"]),
@@ -232,3 +236,21 @@ def test_python_path_identity_key(gw: Gateway) -> None:
     assert statuses(send(gw, "identity", 3)) == [200, 200, 429]
     refused = send(gw, "identity", 1)[0]
     assert refused.header("RateLimit") == '"identity";r=0;t=30'
+
+
+def test_refusal_of_a_request_with_a_body_lingers_instead_of_resetting(gw: Gateway) -> None:
+    # A 429 answered before the body was read: the gateway half-closes and reads on, so a
+    # client still sending is not reset (a reset would drop the reply on a real network).
+    head = b"POST /up HTTP/1.1\r\nHost: linger.test\r\nContent-Length: 100000\r\n\r\n"
+    with Client(gw.addr) as c:
+        assert c.request("GET", "/echo", host="linger.test").status != 429  # spends the bucket
+    with socket.create_connection(gw.addr, timeout=5) as sock:
+        sock.sendall(head + b"v" * 1000)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+        assert received.startswith(b"HTTP/1.1 429 ")
+        time.sleep(0.2)
+        for _ in range(3):
+            sock.sendall(b"v" * 20000)  # raises ConnectionResetError / EPIPE after an RST
+            time.sleep(0.05)
