@@ -1,0 +1,386 @@
+"""`type: jwt_auth`: verify a JWT bearer token with a configured key and set `ctx.identity`.
+
+    middlewares:
+      api_auth:
+        type: jwt_auth
+        algorithms: [RS256]
+        public_key_file: /etc/fastgate/issuer.pem   # or public_key: <PEM text>
+        # secret: ${JWT_SECRET}                      # for HS256/384/512 (at least 32 bytes)
+        issuer: https://id.example.com
+        audience: api
+        leeway: 30                                   # seconds, for exp / nbf / iat
+        required_claims: [exp]
+        token_from: header                           # header:NAME, cookie:NAME, query:NAME
+        scopes_claim: scope                          # default: `scope` (text) or `scp` (list)
+        roles_claim: realm_access.roles              # dotted paths reach nested claims
+        forward_claims: [email, tenant]
+
+Scope for now: one static key from the config. JWKS URLs and OIDC discovery come later.
+
+Security rules this file obeys:
+- The accepted algorithms come from the config only. PyJWT's `algorithms=` refuses a token
+  whose header `alg` is not in that list (`none` can never be configured), and the header is
+  never read to choose a key. HS* and asymmetric algorithms cannot be mixed in one middleware:
+  that is what stops RS->HS key confusion (a public key used as an HMAC secret).
+- `jku`, `x5u`, `jwk` and `kid` headers are ignored; nothing is ever fetched.
+- exp / nbf / iat are checked with `leeway`; iss / aud when configured (a token carrying an
+  `aud` is refused when no audience is configured, as RFC 7519 §4.1.3 asks).
+- A failure answers 401 with a `WWW-Authenticate: Bearer` challenge (RFC 6750 §3); the
+  description is a fixed phrase and never echoes the token, nor does the debug log.
+
+Verified tokens are cached by the sha256 of the token until their `exp` (bounded, least
+recently used out first), so a client repeating its token costs one hash and a dict lookup.
+The cache belongs to the instance: a config reload builds a new one, empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from fastgate.errors import ConfigError
+from fastgate.middleware.base import Identity, LocalReply, RequestContext
+from fastgate.middleware.registry import register
+
+log = logging.getLogger("fastgate.jwt_auth")
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "RS256": (rsa.RSAPublicKey,),
+    "RS384": (rsa.RSAPublicKey,),
+    "RS512": (rsa.RSAPublicKey,),
+    "PS256": (rsa.RSAPublicKey,),
+    "PS384": (rsa.RSAPublicKey,),
+    "PS512": (rsa.RSAPublicKey,),
+    "ES256": (ec.EllipticCurvePublicKey,),
+    "ES384": (ec.EllipticCurvePublicKey,),
+    "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+ALGORITHMS = HMAC_ALGORITHMS | frozenset(_KEY_TYPES)
+MIN_SECRET_BYTES = 32
+
+_OPTIONS = frozenset(
+    {
+        "algorithms",
+        "secret",
+        "public_key",
+        "public_key_file",
+        "issuer",
+        "audience",
+        "leeway",
+        "required_claims",
+        "token_from",
+        "max_token_bytes",
+        "scopes_claim",
+        "roles_claim",
+        "groups_claim",
+        "consumer_claim",
+        "forward_claims",
+        "cache_size",
+    }
+)
+
+# PyJWT error -> the fixed error_description we send (never anything from the token).
+_DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid"),
+    (jwt.InvalidIssuerError, "wrong issuer"),
+    (jwt.InvalidAudienceError, "wrong audience"),
+    (jwt.InvalidIssuedAtError, "bad iat claim"),
+    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+    (jwt.InvalidSignatureError, "bad signature"),
+    (jwt.DecodeError, "malformed token"),
+)
+
+
+class _Options:
+    """The validated options; `path(option)` names a key as `middlewares.<name>.<option>`."""
+
+    def __init__(self, options: dict[str, Any], name: str) -> None:
+        self.name = name
+        if not isinstance(options, dict):
+            raise ConfigError(self.path(""), "expected a mapping of options")
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise ConfigError(self.path(unknown[0]), "unknown option")
+        self.algorithms = self._algorithms(options.get("algorithms"))
+        self.key = self._key(options)
+        self.issuer = self._names(options, "issuer", allow_one=True, default=None)
+        audience = self._names(options, "audience", allow_one=True, default=None)
+        self.audience = audience
+        self.leeway = self._number(options, "leeway", 30, minimum=0)
+        self.required_claims = self._names(options, "required_claims", default=["exp"])
+        self.token_from = self._token_from(options.get("token_from", "header"))
+        self.max_token_bytes = int(self._number(options, "max_token_bytes", 8192, minimum=16))
+        self.scopes_claim = self._claim(options, "scopes_claim")
+        self.roles_claim = self._claim(options, "roles_claim")
+        self.groups_claim = self._claim(options, "groups_claim")
+        self.consumer_claim = self._claim(options, "consumer_claim")
+        self.forward_claims = tuple(self._names(options, "forward_claims", default=[]))
+        self.cache_size = int(self._number(options, "cache_size", 10000, minimum=0))
+
+    def path(self, option: str) -> str:
+        return f"middlewares.{self.name}.{option}" if option else f"middlewares.{self.name}"
+
+    def _algorithms(self, value: Any) -> list[str]:
+        at = self.path("algorithms")
+        if value is None:
+            raise ConfigError(at, "required: the list of accepted algorithms, e.g. [RS256]")
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ConfigError(at, "expected a non-empty list of algorithm names")
+        for i, alg in enumerate(value):
+            if not isinstance(alg, str) or alg not in ALGORITHMS:
+                why = "never accepted" if str(alg).lower() == "none" else "not supported"
+                raise ConfigError(
+                    f"{at}[{i}]", f"{alg!r} is {why} (allowed: {', '.join(sorted(ALGORITHMS))})"
+                )
+        symmetric = {a for a in value if a in HMAC_ALGORITHMS}
+        if symmetric and len(symmetric) != len(set(value)):
+            raise ConfigError(
+                at, "HS* and asymmetric algorithms cannot be mixed (key confusion); use two"
+            )
+        return list(dict.fromkeys(value))
+
+    def _key(self, options: dict[str, Any]) -> Any:
+        given = [k for k in ("secret", "public_key", "public_key_file") if k in options]
+        if self.algorithms[0] in HMAC_ALGORITHMS:
+            if given != ["secret"]:
+                raise ConfigError(self.path("secret"), "HS* algorithms need `secret` (only)")
+            secret = options["secret"]
+            if not isinstance(secret, str):
+                raise ConfigError(self.path("secret"), "expected text (e.g. ${JWT_SECRET})")
+            data = secret.encode()
+            if len(data) < MIN_SECRET_BYTES:
+                raise ConfigError(
+                    self.path("secret"), f"at least {MIN_SECRET_BYTES} bytes, got {len(data)}"
+                )
+            if b"-----BEGIN" in data or data.startswith(b"ssh-"):
+                raise ConfigError(self.path("secret"), "looks like a public key, not a secret")
+            return data
+        if len(given) != 1 or given[0] == "secret":
+            raise ConfigError(
+                self.path("public_key"),
+                "asymmetric algorithms need exactly one of public_key or public_key_file",
+            )
+        option = given[0]
+        value = options[option]
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(self.path(option), "expected text")
+        if option == "public_key_file":
+            try:
+                value = Path(value).read_text()
+            except OSError as exc:
+                raise ConfigError(self.path(option), f"cannot read: {exc.strerror}") from None
+        try:
+            key = load_pem_public_key(value.encode())
+        except (ValueError, TypeError):
+            raise ConfigError(self.path(option), "not a PEM public key") from None
+        for alg in self.algorithms:
+            if not isinstance(key, _KEY_TYPES[alg]):
+                raise ConfigError(
+                    self.path(option), f"a {type(key).__name__} cannot verify {alg} tokens"
+                )
+        return key
+
+    def _names(
+        self, options: dict[str, Any], option: str, *, allow_one: bool = False, default: Any
+    ) -> Any:
+        value = options.get(option, default)
+        if value is None or value == default:
+            return value
+        if allow_one and isinstance(value, str) and value:
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            return list(value)
+        raise ConfigError(self.path(option), "expected a list of non-empty strings")
+
+    def _number(self, options: dict[str, Any], option: str, default: float, minimum: float):
+        value = options.get(option, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(self.path(option), f"expected a number >= {minimum}")
+        return value
+
+    def _claim(self, options: dict[str, Any], option: str) -> tuple[str, ...] | None:
+        value = options.get(option)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not all(value.split(".")):
+            raise ConfigError(self.path(option), "expected a claim name (dotted for nesting)")
+        return tuple(value.split("."))
+
+    def _token_from(self, value: Any) -> tuple[str, str]:
+        at = self.path("token_from")
+        if value == "header":
+            return ("bearer", "authorization")
+        if isinstance(value, str):
+            kind, _, name = value.partition(":")
+            if kind in ("header", "cookie", "query") and name.strip():
+                name = name.strip()
+                return (kind, name.lower() if kind == "header" else name)
+        raise ConfigError(at, "expected header, header:NAME, cookie:NAME or query:NAME")
+
+
+@register
+class JwtAuth:
+    """One `jwt_auth` middleware instance (see the module docstring)."""
+
+    type: ClassVar[str] = "jwt_auth"
+
+    def __init__(self, options: dict[str, Any], name: str) -> None:
+        self.options = opts = _Options(options, name)
+        self.name = name
+        self._decode_options = {"require": list(opts.required_claims)}
+        self._header = opts.token_from[1].encode("latin-1")
+        self._cache: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
+        self.clock = time.time
+        self.verified = 0  # tokens verified with the key (cache misses that got that far)
+
+    # ---- per request --------------------------------------------------------------------------
+
+    def on_request(self, ctx: RequestContext) -> LocalReply | None:
+        token = self._extract(ctx.head)
+        if not token:
+            return self._refuse(None, "missing bearer token")
+        if len(token) > self.options.max_token_bytes:
+            return self._refuse("token too large")
+        digest = hashlib.sha256(token).digest()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > self.clock():
+            self._cache.move_to_end(digest)
+            ctx.identity = hit[1]
+            return None
+        try:
+            claims = self._verify(token)
+        except jwt.InvalidTokenError as exc:
+            return self._refuse(_describe(exc))
+        identity = self._identity(claims)
+        self._remember(digest, claims, identity)
+        ctx.identity = identity
+        return None
+
+    def _extract(self, head: Any) -> bytes | None:
+        kind, name = self.options.token_from
+        if kind == "bearer":
+            value = head.get(b"authorization")
+            if value is None:
+                return None
+            scheme, _, token = value.strip().partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else None
+        if kind == "header":
+            value = head.get(self._header)
+            return value.strip() if value is not None else None
+        if kind == "cookie":
+            for header in head.get_all(b"cookie"):
+                for pair in header.split(b";"):
+                    key, sep, value = pair.strip().partition(b"=")
+                    if sep and key == self._header:
+                        return value.strip().strip(b'"')
+            return None
+        query = head.query
+        if not query:
+            return None
+        for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if key == name:
+                return value.encode("latin-1")
+        return None
+
+    def _verify(self, token: bytes) -> dict[str, Any]:
+        opts = self.options
+        self.verified += 1
+        return jwt.decode(
+            token,
+            opts.key,
+            algorithms=opts.algorithms,
+            audience=opts.audience,
+            issuer=opts.issuer,
+            leeway=opts.leeway,
+            options=self._decode_options,
+        )
+
+    def _identity(self, claims: dict[str, Any]) -> Identity:
+        opts = self.options
+        if opts.scopes_claim is not None:
+            scopes = _strings(_lookup(claims, opts.scopes_claim))
+        else:
+            scopes = _strings(claims.get("scope")) | _strings(claims.get("scp"))
+        consumer = _lookup(claims, opts.consumer_claim) if opts.consumer_claim else None
+        sub = claims.get("sub")
+        return Identity(
+            method="jwt",
+            subject="" if sub is None else str(sub),
+            consumer=None if consumer is None else str(consumer),
+            scopes=scopes,
+            roles=_strings(_lookup(claims, opts.roles_claim)) if opts.roles_claim else frozenset(),
+            groups=(
+                _strings(_lookup(claims, opts.groups_claim)) if opts.groups_claim else frozenset()
+            ),
+            claims=tuple((n, claims[n]) for n in opts.forward_claims if n in claims),
+        )
+
+    def _remember(self, digest: bytes, claims: dict[str, Any], identity: Identity) -> None:
+        exp = claims.get("exp")
+        size = self.options.cache_size
+        # Without an exp there is no moment the answer stops being true: verify every time.
+        if size == 0 or isinstance(exp, bool) or not isinstance(exp, int | float):
+            return
+        cache = self._cache
+        cache[digest] = (float(exp), identity)
+        cache.move_to_end(digest)
+        while len(cache) > size:
+            cache.popitem(last=False)
+
+    def _refuse(self, description: str | None, message: str = "invalid token") -> LocalReply:
+        if description is None:
+            challenge = 'Bearer realm="fastgate"'
+        else:
+            challenge = (
+                f'Bearer realm="fastgate", error="invalid_token", error_description="{description}"'
+            )
+        log.debug("jwt_auth %s: refused: %s", self.name, description or message)
+        return LocalReply.error(401, message, WWW_Authenticate=challenge)
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {"cached": len(self._cache), "verified": self.verified}
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"missing claim {exc.claim}"  # a name from the config, not from the token
+    for kind, text in _DESCRIPTIONS:
+        if isinstance(exc, kind):
+            return text
+    return "invalid token"
+
+
+def _lookup(claims: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = claims
+    for part in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _strings(value: Any) -> frozenset[str]:
+    """A claim holding names: a space-separated string (OAuth `scope`) or a list."""
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list | tuple):
+        return frozenset(str(v) for v in value if isinstance(v, str | int))
+    return frozenset()
+
+
+__all__ = ["ALGORITHMS", "JwtAuth"]
