@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from typing import Any
@@ -30,23 +30,8 @@ from fastgate.config.schema import parse_config
 from fastgate.middleware import registry
 from fastgate.server.worker import Worker
 
-ORIGIN = textwrap.dedent(
-    """
-    import asyncio, sys
-    class P(asyncio.Protocol):
-        def connection_made(self, t): self.t = t; self.b = b""
-        def data_received(self, d):
-            self.b += d
-            while b"\\r\\n\\r\\n" in self.b:
-                _, self.b = self.b.split(b"\\r\\n\\r\\n", 1)
-                self.t.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 12\\r\\n\\r\\nhello world\\n")
-    async def main():
-        s = await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(sys.argv[1]))
-        print("ready", flush=True)
-        await s.serve_forever()
-    asyncio.run(main())
-    """
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _origin import ORIGIN, free_port
 
 
 @registry.register
@@ -60,12 +45,6 @@ class NoOp:
 
     def on_request(self, ctx: Any) -> None:
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client(port: int, path: str, n: int, done: threading.Event) -> None:
