@@ -29,3 +29,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def exchange(sock: socket.socket, request: bytes) -> bytes:
+    """Send one request to a gateway in front of ORIGIN and read its whole response."""
+    sock.sendall(request)
+    buf = b""
+    while not buf.endswith(b"hello world\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("connection closed")
+        buf += chunk
+    return buf

@@ -28,7 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _origin import ORIGIN, free_port  # noqa: E402
+from _origin import ORIGIN, exchange, free_port  # noqa: E402
 
 SCENARIOS: dict[str, dict[str, Any] | None] = {
     "plain": None,
@@ -90,14 +90,7 @@ def client(port: int, requests: int, connections: int = 4) -> None:
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
     try:
         for i in range(requests):
-            s = socks[i % connections]
-            s.sendall(req)
-            buf = b""
-            while not buf.endswith(b"hello world\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise RuntimeError("connection closed")
-                buf += chunk
+            buf = exchange(socks[i % connections], req)
             if not buf.startswith(b"HTTP/1.1 200 "):
                 raise RuntimeError(buf[:100])
     finally:

@@ -31,7 +31,7 @@ from fastgate.middleware import registry
 from fastgate.server.worker import Worker
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _origin import ORIGIN, free_port
+from _origin import ORIGIN, exchange, free_port
 
 
 @registry.register
@@ -52,13 +52,7 @@ def client(port: int, path: str, n: int, done: threading.Event) -> None:
     req = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
     with socket.create_connection(("127.0.0.1", port)) as s:
         for _ in range(n):
-            s.sendall(req)
-            buf = b""
-            while not buf.endswith(b"hello world\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise RuntimeError("connection closed")
-                buf += chunk
+            exchange(s, req)
     done.set()
 
 

@@ -51,7 +51,7 @@ from typing import Any
 
 from fastgate._core.ratecheck import LimitSet
 from fastgate._core.ratelimit import RateLimiter, monotonic_us
-from fastgate.ratelimit.redis import SYNC_SCRIPT, Outage, Result, redis_keys
+from fastgate.ratelimit.redis import SYNC_SCRIPT, Outage, Result, key_prefix, redis_keys
 from fastgate.redis import RedisClient, RedisReplyError
 
 __all__ = ["HybridStore"]
@@ -76,7 +76,7 @@ class HybridStore:
         max_keys: int,
     ) -> None:
         self.client = client
-        self.prefix = b"fg:rl:" + middleware.encode() + b":"
+        self.prefix = key_prefix(middleware)
         self.emissions = tuple(emissions)
         self.bursts = tuple(bursts)
         self.costs = tuple(costs)

@@ -166,6 +166,11 @@ log = logging.getLogger("fastgate.rate_limit")
 Result = tuple[int, int, int, int] | None
 
 
+def key_prefix(middleware: str) -> bytes:
+    """Where a middleware's buckets live in Redis; every Redis-backed store uses it."""
+    return b"fg:rl:" + middleware.encode() + b":"
+
+
 class Outage:
     """What a Redis-backed store does while Redis cannot answer, and the record of it.
 
@@ -237,7 +242,7 @@ class RedisStore:
         on_dry_refusal: Callable[[int, bytes], None],
     ) -> None:
         self.client = client
-        self.prefix = b"fg:rl:" + middleware.encode() + b":"
+        self.prefix = key_prefix(middleware)
         self.args = decide_args(emissions, bursts, costs, dry_runs)
         self.dry_runs = tuple(dry_runs)
         self.count = len(self.dry_runs)

@@ -614,3 +614,19 @@ BLOCK = origin_mod.BLOCK
 stream_bytes = origin_mod.stream_bytes
 stream_sha256 = origin_mod.stream_sha256
 chunked_body = origin_mod.chunked_body
+
+
+def assert_reply_then_lingering_close(addr: Addr, request: bytes, status: int) -> None:
+    """Send a request with an unread body; the reply (`status`) must come whole, then FIN,
+    and the gateway must go on reading so the client can keep sending without an RST (a reset
+    drops the reply's unsent bytes on a real network, RFC 9112 §9.6)."""
+    with socket.create_connection(addr, timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+        assert received.startswith(b"HTTP/1.1 %d " % status), received[:200]
+        time.sleep(0.2)
+        for _ in range(3):
+            sock.sendall(b"v" * 20000)  # raises ConnectionResetError / EPIPE after an RST
+            time.sleep(0.05)

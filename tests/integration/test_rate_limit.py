@@ -9,14 +9,20 @@ upstream, and the Python path (an identity key). Every request from these tests 
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Client, Gateway, Origin, Response, base_config, free_port
+from conftest import (
+    Client,
+    Gateway,
+    Origin,
+    Response,
+    assert_reply_then_lingering_close,
+    base_config,
+    free_port,
+)
 
 PER_MINUTE_3 = {"type": "rate_limit", "rate": "3/minute"}
 
@@ -244,13 +250,4 @@ def test_refusal_of_a_request_with_a_body_lingers_instead_of_resetting(gw: Gatew
     head = b"POST /up HTTP/1.1\r\nHost: linger.test\r\nContent-Length: 100000\r\n\r\n"
     with Client(gw.addr) as c:
         assert c.request("GET", "/echo", host="linger.test").status != 429  # spends the bucket
-    with socket.create_connection(gw.addr, timeout=5) as sock:
-        sock.sendall(head + b"v" * 1000)
-        received = b""
-        while data := sock.recv(65536):
-            received += data
-        assert received.startswith(b"HTTP/1.1 429 ")
-        time.sleep(0.2)
-        for _ in range(3):
-            sock.sendall(b"v" * 20000)  # raises ConnectionResetError / EPIPE after an RST
-            time.sleep(0.05)
+    assert_reply_then_lingering_close(gw.addr, head + b"v" * 1000, 429)
