@@ -105,6 +105,7 @@ cdef class Route:
     cdef readonly tuple chain              # middlewares, built once at compile
     cdef readonly Service service
     cdef readonly bytes extra_headers      # preformatted request header lines
+    cdef readonly tuple strip_headers      # lowercase names never passed upstream; None = none
 
 cdef class UpstreamCore:
     cdef object transport
@@ -141,6 +142,7 @@ cdef class ConnCore:
     cdef Route route
     cdef UpstreamCore up
     cdef bytes up_head
+    cdef bytes up_extra                    # this request's header lines from middlewares
     cdef long long req_remaining
     cdef int req_framing
     cdef ChunkedScanner req_chunks

@@ -287,7 +287,7 @@ cdef class CoreCheck:
 
 cdef class Route:
     def __init__(self, str name, Service service, tuple chain=(), bytes extra_headers=None,
-                 tuple checks=()):
+                 tuple checks=(), strip_headers=()):
         for c in checks:
             if not isinstance(c, CoreCheck):
                 raise TypeError(f"route {name!r}: {c!r} is not a CoreCheck")
@@ -296,6 +296,13 @@ cdef class Route:
         self.checks = checks
         self.chain = chain
         self.extra_headers = extra_headers
+        # Headers the route's middlewares own (identity headers, credentials): a client's copy
+        # is never passed on. Lowercase bytes; None keeps the common case one pointer test.
+        names = tuple(dict.fromkeys(n.lower() for n in strip_headers))
+        for n in names:
+            if not isinstance(n, bytes) or not n:
+                raise TypeError(f"route {name!r}: strip_headers must be non-empty bytes")
+        self.strip_headers = names or None
 
 
 cdef class UpstreamCore:
@@ -569,6 +576,7 @@ cdef class ConnCore:
             self.reply_error(-rc, (<bytes>last_error_reason).decode("latin-1"), True)
             return False
         self.head = h
+        self.up_extra = None
         rid = client_request_id(h)
         if rid is None:
             self.request_id = self.engine.next_request_id()
@@ -675,8 +683,11 @@ cdef class ConnCore:
             up = self.connect(pool)
         up.client = self
         self.up = up
+        extra = self.route.extra_headers
+        if self.up_extra is not None:
+            extra = self.up_extra if extra is None else extra + self.up_extra
         self.up_head = build_request_head(h, self.fwd, self.request_id, self.id_from_client,
-                                          self.route.extra_headers)
+                                          extra, self.route.strip_headers)
         up.send(self.up_head)
         self.req_framing = h.framing
         if h.framing == FRAMING_LENGTH and h.content_length > 0:
@@ -954,6 +965,16 @@ cdef class ConnCore:
             self.done_hooks = [hook]
         else:
             self.done_hooks.append(hook)
+
+    def add_upstream_headers(self, bytes lines):
+        """Header lines (`Name: value\r\n` each, already validated) for this request's
+        upstream head: how an auth middleware passes the identity on. Reset per request."""
+        self.up_extra = lines if self.up_extra is None else self.up_extra + lines
+
+    @property
+    def client_ip(self):
+        """The TCP peer's address as text (for audit lines and auth decisions)."""
+        return self.fwd.client_ip.decode("latin-1") if self.fwd is not None else ""
 
     def on_done(self, callback):
         """Call `callback(conn)` when the current exchange ends, however it ends."""

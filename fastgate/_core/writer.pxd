@@ -14,8 +14,9 @@ cdef class ForwardInfo:
 # X-Forwarded-*/Forwarded dropped, then X-Forwarded-For/-Proto/-Host, optional Forwarded,
 # X-Request-ID (exactly one: `request_id`, which is the client's when it was kept; client
 # X-Request-ID lines are never copied), Connection/Upgrade for an upgrade, `extra`.
+# Headers named in `strip` (lowercase bytes) are dropped: the middlewares own those names.
 cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
-                              bint id_from_client, bytes extra)
+                              bint id_from_client, bytes extra, tuple strip=*)
 
 # Client response head: status line as sent, hop-by-hop headers dropped (kept for a 101
 # upgrade), `Connection: close` when `close`, `Connection: keep-alive` for an HTTP/1.0 client

@@ -90,8 +90,17 @@ cdef inline char *put_framing(char *o, Head h) noexcept:
     return put(o, "\r\n", 2)
 
 
+cdef inline bint is_stripped(const char *raw, const uint32_t *off, tuple strip):
+    """Header `off` is one of `strip` (lowercase names): the route's middlewares own it."""
+    cdef bytes name
+    for name in strip:
+        if header_name_is(raw, off, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
+            return True
+    return False
+
+
 cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
-                              bint id_from_client, bytes extra):
+                              bint id_from_client, bytes extra, tuple strip=None):
     cdef const char *raw = PyBytes_AS_STRING(h.raw)
     cdef Py_ssize_t cap, i
     cdef uint32_t *off
@@ -161,6 +170,8 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
         if (fl & HF_HOST) and h.absolute_form:
             continue
         if fl & HF_FRAMING:
+            continue
+        if strip is not None and is_stripped(raw, off, strip):
             continue
         o = put(o, raw + off[0], off[1] - off[0])
         o = put(o, ": ", 2)
@@ -314,9 +325,9 @@ cdef bytes client_request_id(RequestHead h):
 
 
 def _build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
-                        bint id_from_client=False, bytes extra=None):
+                        bint id_from_client=False, bytes extra=None, tuple strip=None):
     """Python entry for tests: the upstream head for `h` as the relay would send it."""
-    return build_request_head(h, fi, request_id, id_from_client, extra)
+    return build_request_head(h, fi, request_id, id_from_client, extra, strip)
 
 
 def _build_response_head(ResponseHead h, bint close=False, bint keep_alive_10=False,

@@ -25,7 +25,14 @@ from fastgate.config.schema import Config
 from fastgate.errors import ConfigError
 from fastgate.middleware import registry
 
-__all__ = ["BuildContext", "Runtime", "check_runtime", "compile_runtime", "split_chain"]
+__all__ = [
+    "BuildContext",
+    "Runtime",
+    "check_runtime",
+    "compile_runtime",
+    "owned_headers",
+    "split_chain",
+]
 
 log = logging.getLogger("fastgate.config")
 
@@ -79,6 +86,17 @@ def split_chain(route: str, chain: tuple[Any, ...]) -> tuple[tuple[Any, ...], tu
             break
         checks.append(check)
     return tuple(checks), chain[len(checks) :]
+
+
+def owned_headers(chain: tuple[Any, ...]) -> tuple[bytes, ...]:
+    """Request header names the route's middlewares own (their `strip_request_headers`):
+    identity headers they set and credentials they consume. A client's own copy of such a
+    header never reaches the service, so a service can trust what it sees (DESIGN.md §5)."""
+    names: dict[bytes, None] = {}
+    for mw in chain:
+        for name in getattr(mw, "strip_request_headers", ()):
+            names[name.lower()] = None
+    return tuple(names)
 
 
 def _route_field(message: str) -> str:
@@ -173,11 +191,14 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             chain = tuple(chains.get(m) for m in route.middlewares)
             if service is None or None in chain:
                 continue  # already reported under services / middlewares
+            strip = owned_headers(chain)
             checks, chain = split_chain(route.name, chain)
             try:
                 specs.append(
                     RouteSpec(
-                        target=Route(route.name, service, chain, checks=checks),
+                        target=Route(
+                            route.name, service, chain, checks=checks, strip_headers=strip
+                        ),
                         path=route.match.path,
                         path_type=route.match.path_type,
                         hosts=tuple(route.match.hosts),

@@ -36,7 +36,6 @@ The cache belongs to the instance: a config reload builds a new one, empty.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -47,11 +46,10 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from fastgate.auth.common import COMMON_OPTIONS, AuthCommon
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
 from fastgate.middleware.registry import register
-
-log = logging.getLogger("fastgate.jwt_auth")
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
@@ -68,25 +66,28 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
 ALGORITHMS = HMAC_ALGORITHMS | frozenset(_KEY_TYPES)
 MIN_SECRET_BYTES = 32
 
-_OPTIONS = frozenset(
-    {
-        "algorithms",
-        "secret",
-        "public_key",
-        "public_key_file",
-        "issuer",
-        "audience",
-        "leeway",
-        "required_claims",
-        "token_from",
-        "max_token_bytes",
-        "scopes_claim",
-        "roles_claim",
-        "groups_claim",
-        "consumer_claim",
-        "forward_claims",
-        "cache_size",
-    }
+_OPTIONS = (
+    frozenset(
+        {
+            "algorithms",
+            "secret",
+            "public_key",
+            "public_key_file",
+            "issuer",
+            "audience",
+            "leeway",
+            "required_claims",
+            "token_from",
+            "max_token_bytes",
+            "scopes_claim",
+            "roles_claim",
+            "groups_claim",
+            "consumer_claim",
+            "forward_claims",
+            "cache_size",
+        }
+    )
+    | COMMON_OPTIONS
 )
 
 # PyJWT error -> the fixed error_description we send (never anything from the token).
@@ -240,6 +241,10 @@ class JwtAuth:
     def __init__(self, options: dict[str, Any], name: str) -> None:
         self.options = opts = _Options(options, name)
         self.name = name
+        credential = "authorization" if opts.token_from[0] == "bearer" else opts.token_from[1]
+        creds = (credential,) if opts.token_from[0] in ("bearer", "header") else ()
+        self.common = AuthCommon(options, name, self.type, creds)
+        self.strip_request_headers = self.common.strip_request_headers
         self._decode_options = {"require": list(opts.required_claims)}
         self._header = opts.token_from[1].encode("latin-1")
         self._cache: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
@@ -249,24 +254,27 @@ class JwtAuth:
     # ---- per request --------------------------------------------------------------------------
 
     def on_request(self, ctx: RequestContext) -> LocalReply | None:
+        common = self.common
+        if common.skip(ctx):
+            return None
         token = self._extract(ctx.head)
         if not token:
-            return self._refuse(None, "missing bearer token")
+            return common.missing(ctx, self._challenge(None, "missing bearer token"))
         if len(token) > self.options.max_token_bytes:
-            return self._refuse("token too large")
+            return self._refuse(ctx, "token too large")
         digest = hashlib.sha256(token).digest()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > self.clock():
             self._cache.move_to_end(digest)
-            ctx.identity = hit[1]
+            common.admit(ctx, hit[1])
             return None
         try:
             claims = self._verify(token)
         except jwt.InvalidTokenError as exc:
-            return self._refuse(_describe(exc))
+            return self._refuse(ctx, _describe(exc))
         identity = self._identity(claims)
         self._remember(digest, claims, identity)
-        ctx.identity = identity
+        common.admit(ctx, identity)
         return None
 
     def _extract(self, head: Any) -> bytes | None:
@@ -340,20 +348,26 @@ class JwtAuth:
         while len(cache) > size:
             cache.popitem(last=False)
 
-    def _refuse(self, description: str | None, message: str = "invalid token") -> LocalReply:
+    def _refuse(self, ctx: RequestContext, description: str) -> LocalReply:
+        return self.common.refuse(ctx, description, self._challenge(description))
+
+    def _challenge(self, description: str | None, message: str = "invalid token") -> LocalReply:
         if description is None:
             challenge = 'Bearer realm="fastgate"'
         else:
             challenge = (
                 f'Bearer realm="fastgate", error="invalid_token", error_description="{description}"'
             )
-        log.debug("jwt_auth %s: refused: %s", self.name, description or message)
         return LocalReply.error(401, message, WWW_Authenticate=challenge)
 
     # ---- operations ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return {"cached": len(self._cache), "verified": self.verified}
+        return {
+            "cached": len(self._cache),
+            "verified": self.verified,
+            "failures": dict(self.common.failures),
+        }
 
 
 def _describe(exc: Exception) -> str:

@@ -307,7 +307,7 @@ def test_no_token_challenge_only(headers: dict[str, str]) -> None:
 
 def test_refusal_logs_without_token(caplog: pytest.LogCaptureFixture) -> None:
     text = token(key=OTHER_SECRET)
-    with caplog.at_level("DEBUG", logger="fastgate.jwt_auth"):
+    with caplog.at_level("INFO", logger="fastgate.audit"):
         refusal(middleware().on_request(request(text)))
     assert "bad signature" in caplog.text
     assert text not in caplog.text and text.split(".")[2] not in caplog.text

@@ -1,0 +1,207 @@
+"""What every auth middleware does the same way (DESIGN.md §5).
+
+Options shared by all auth middlewares (`jwt_auth`, `api_key`, `basic_auth`, `ldap_auth`,
+`forward_auth`, ...):
+
+    forward_headers:            # identity -> upstream request headers
+      X-User-Id: subject        # subject | consumer | method | scopes | roles | groups
+      X-User-Email: claim:email # a claim the middleware kept (forward_claims for jwt_auth)
+    hide_credentials: false     # true: the credential header is not passed upstream
+    optional: false             # true: a request with no credential of this kind (or one
+                                # already identified by an earlier middleware) passes on
+                                # unidentified; a wrong credential is still refused.
+                                # [jwt(optional), api_key(optional), authorize] = either one.
+
+Rules this file obeys:
+- A header named in `forward_headers` is always stripped from what the client sent
+  (`strip_request_headers`, applied in C by the writer), so a client cannot forge its identity;
+  it is then set from the identity, or left absent when the identity has no such value.
+- Values are made header-safe: control characters (CR, LF, NUL ...) are refused by dropping the
+  header, and non-Latin-1 text is percent-encoded as UTF-8, so a claim can never split a head.
+- Refusals are counted by reason (`failures`) and written to the `fastgate.audit` logger with
+  route, client address, method, path and reason; never the credential.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from typing import Any
+from urllib.parse import quote
+
+from fastgate.errors import ConfigError
+from fastgate.middleware.base import Identity, LocalReply, RequestContext
+
+audit = logging.getLogger("fastgate.audit")
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 field-name
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs except HTAB
+_SOURCES = ("subject", "consumer", "method", "scopes", "roles", "groups")
+# Names the gateway writes itself or that frame the message: never an identity header.
+_RESERVED = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-request-id",
+    }
+)
+COMMON_OPTIONS = frozenset({"forward_headers", "hide_credentials", "optional"})
+
+
+class AuthCommon:
+    """The shared part of one auth middleware instance: forwarding and audit."""
+
+    def __init__(
+        self,
+        options: dict[str, Any],
+        name: str,
+        type_name: str,
+        credential_headers: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.type_name = type_name
+        self.failures: Counter[str] = Counter()
+        self.headers = _forward_headers(options.get("forward_headers"), name)
+        hide = options.get("hide_credentials", False)
+        if not isinstance(hide, bool):
+            raise ConfigError(f"middlewares.{name}.hide_credentials", "expected true or false")
+        self.optional = options.get("optional", False)
+        if not isinstance(self.optional, bool):
+            raise ConfigError(f"middlewares.{name}.optional", "expected true or false")
+        owned = [h.lower().encode("latin-1") for h, _ in self.headers]
+        if hide:
+            owned += [h.lower().encode("latin-1") for h in credential_headers]
+        self.strip_request_headers: tuple[bytes, ...] = tuple(dict.fromkeys(owned))
+
+    def skip(self, ctx: RequestContext) -> bool:
+        """An optional middleware leaves a request that is already identified alone."""
+        return self.optional and ctx.identity is not None
+
+    def missing(self, ctx: RequestContext, reply: LocalReply) -> LocalReply | None:
+        """No credential of this kind: pass on when optional, else refuse with `reply`."""
+        if self.optional:
+            return None
+        return self.refuse(ctx, "missing credentials", reply)
+
+    def admit(self, ctx: RequestContext, identity: Identity) -> None:
+        """Put `identity` on the request and its forward headers on the upstream head."""
+        ctx.identity = identity
+        if self.headers:
+            lines = encode_identity_headers(self.headers, identity)
+            if lines:
+                ctx.conn.add_upstream_headers(lines)
+
+    def refuse(self, ctx: RequestContext, reason: str, reply: LocalReply) -> LocalReply:
+        """Count and audit a refusal (reason: a fixed phrase, never a credential)."""
+        self.failures[reason] += 1
+        audit_deny(ctx, self.type_name, self.name, reply.status, reason)
+        return reply
+
+
+def audit_deny(ctx: RequestContext, kind: str, name: str, status: int, reason: str) -> None:
+    """One audit record for a refused request: who (address, identity), what, why."""
+    if not audit.isEnabledFor(logging.INFO):
+        return
+    head = ctx.head
+    record = {
+        "event": "deny",
+        "status": status,
+        "reason": reason,
+        "middleware": name,
+        "type": kind,
+        "route": getattr(head.route, "name", ""),
+        "client_ip": getattr(ctx.conn, "client_ip", ""),
+        "method": head.method.decode("latin-1"),
+        "path": head.path.decode("latin-1"),
+        "request_id": _request_id(ctx),
+        "subject": ctx.identity.subject if ctx.identity is not None else None,
+    }
+    audit.info(
+        "deny %(status)s route=%(route)s client=%(client_ip)s %(method)s %(path)s "
+        "by %(middleware)s: %(reason)s",
+        record,
+        extra={"audit": record},
+    )
+
+
+def _request_id(ctx: RequestContext) -> str:
+    rid = getattr(ctx.conn, "request_id", None)
+    return rid.decode("latin-1") if isinstance(rid, bytes) else ""
+
+
+def _forward_headers(value: Any, name: str) -> tuple[tuple[str, str], ...]:
+    at = f"middlewares.{name}.forward_headers"
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ConfigError(at, "expected a mapping of header name -> identity field")
+    out = []
+    for header, source in value.items():
+        if not isinstance(header, str) or not _TOKEN.fullmatch(header):
+            raise ConfigError(f"{at}.{header}", "not a valid header name")
+        if header.lower() in _RESERVED:
+            raise ConfigError(f"{at}.{header}", "the gateway owns this header")
+        ok = isinstance(source, str) and (
+            source in _SOURCES or (source.startswith("claim:") and len(source) > 6)
+        )
+        if not ok:
+            raise ConfigError(
+                f"{at}.{header}", f"expected one of {', '.join(_SOURCES)} or claim:NAME"
+            )
+        out.append((header, source))
+    return tuple(out)
+
+
+def encode_identity_headers(headers: tuple[tuple[str, str], ...], identity: Identity) -> bytes:
+    """`Name: value\\r\\n` lines for the identity; a field with no value is left out."""
+    lines = []
+    for header, source in headers:
+        value = _field(identity, source)
+        if value is None:
+            continue
+        text = _header_safe(value)
+        if text is not None:
+            lines.append(f"{header}: {text}\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def _field(identity: Identity, source: str) -> str | None:
+    if source.startswith("claim:"):
+        value = identity.claim(source[6:])
+    else:
+        value = getattr(identity, source)
+    if value is None or value == "":
+        return None
+    if isinstance(value, frozenset | set | list | tuple):
+        items = sorted(str(v) for v in value)
+        return ",".join(items) if items else None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return None  # structured claims are not flattened into headers
+    return str(value)
+
+
+def _header_safe(value: str) -> str | None:
+    if _UNSAFE.search(value):
+        return None
+    value = value.strip(" \t")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        value = quote(value, safe=" !#$%&'()*+,-./:;<=>?@[]^_`{|}~")
+    return value
+
+
+__all__ = ["COMMON_OPTIONS", "AuthCommon", "audit_deny", "encode_identity_headers"]
