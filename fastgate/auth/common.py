@@ -27,8 +27,10 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
@@ -57,6 +59,30 @@ _RESERVED = frozenset(
     }
 )
 COMMON_OPTIONS = frozenset({"forward_headers", "hide_credentials", "optional"})
+
+
+class AuthOptions(BaseModel):
+    """Base of an auth middleware's pydantic options model: unknown keys are errors, and the
+    common options above are accepted here and validated by `AuthCommon`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    forward_headers: Any = None
+    hide_credentials: Any = False
+    optional: Any = False
+
+
+Options = TypeVar("Options", bound=AuthOptions)
+
+
+def parse_options(model: type[Options], options: Any) -> Options:
+    """Validate `options` with `model`; ConfigError lists each problem by its key path
+    relative to the middleware (the compiler puts `middlewares.<name>.` in front)."""
+    from fastgate.config.schema import pydantic_errors
+
+    try:
+        return model.model_validate(options)
+    except ValidationError as exc:
+        raise ConfigError.from_errors(pydantic_errors(exc)) from None
 
 
 class AuthCommon:
@@ -204,4 +230,11 @@ def _header_safe(value: str) -> str | None:
     return value
 
 
-__all__ = ["COMMON_OPTIONS", "AuthCommon", "audit_deny", "encode_identity_headers"]
+__all__ = [
+    "COMMON_OPTIONS",
+    "AuthCommon",
+    "AuthOptions",
+    "audit_deny",
+    "encode_identity_headers",
+    "parse_options",
+]
