@@ -18,6 +18,10 @@ Method (benchmarks/README.md has the details):
   the load core for the hybrid and redis stores; a probe first shows that the same config with
   a small limit answers 429. Reported besides: req/s and CPU ratios to plain `fastgate` in the
   same round, and Redis commands, round trips and CPU per request.
+- Auth targets (`fastgate-jwt-hs256`, `-jwt-rs256`, `-jwt-rs256-nocache`, `fastgate-apikey`;
+  benchmarks/auth_targets.py): one auth middleware on the route, the credential sent by wrk on
+  every request; a probe first shows a request without it answers 401. Reported besides: the
+  req/s and CPU ratios to plain `fastgate` in the same round.
 
 Standard library only; matplotlib, when installed, adds a PNG chart.
 """
@@ -50,6 +54,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from auth_targets import AUTH_TARGETS, auth_middleware, fastgate_cli
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PEERS = HERE / "peers"
@@ -63,7 +69,9 @@ RL_TARGETS = {
     "fastgate-rl-hybrid": "hybrid",
     "fastgate-rl-redis": "redis",
 }
-ALL_TARGETS = ("origin", "nginx", "haproxy", "fastgate", *RL_TARGETS)
+ALL_TARGETS = ("origin", "nginx", "haproxy", "fastgate", *RL_TARGETS, *AUTH_TARGETS)
+# Targets with a middleware on the route, compared with plain `fastgate` in the same round.
+MIDDLEWARE_TARGETS = (*RL_TARGETS, *AUTH_TARGETS)
 DEFAULT_TARGETS = ("origin", "nginx", "haproxy", "fastgate", "fastgate-rl-local")
 BASELINE = "nginx"
 FASTGATE = "fastgate"  # the baseline of the rate-limit targets: the same proxy, no middleware
@@ -137,6 +145,7 @@ class Target:
     log: Path
     proxied: bool  # False for the origin measured direct: no proxy CPU to report
     redis: RedisServer | None = None  # the Redis of a hybrid or redis rate-limit target
+    headers: tuple[tuple[str, str], ...] = ()  # sent on every request (an auth credential)
 
 
 @dataclass
@@ -727,6 +736,45 @@ def start_rl_target(
     return Target(name, port, proc, log, proxied=True, redis=redis)
 
 
+def auth_config(port: int, origin_port: int, options: dict[str, Any]) -> dict[str, Any]:
+    """An auth target's config: `rl_config`'s shape with one auth middleware on the route."""
+    config = rl_config("local", port, origin_port, None, middleware="auth", rate="1/s", burst=1)
+    config["middlewares"] = {"auth": options}
+    return config
+
+
+def start_auth_target(
+    procs: Processes, name: str, origin_port: int, summaries: dict[str, list[str]]
+) -> Target:
+    """Start one auth target after showing that its middleware refuses a request without the
+    credential (401) and admits one with it (200)."""
+    try:
+        options, header = auth_middleware(name, procs.workdir, fastgate_cli(REPO, fastgate_env()))
+    except RuntimeError as exc:
+        raise BenchError(f"{name}: {exc}") from exc
+    config = auth_config(free_port(), origin_port, options)
+    proc, log, port, summaries[name] = start_rl_gateway(procs, name, config)
+    statuses = []
+    for headers in ({}, dict([header])):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/", headers={"Host": "bench.local", **headers})
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+        except (OSError, http.client.HTTPException) as exc:
+            raise BenchError(f"{name}: auth probe: {exc!r}") from exc
+        finally:
+            conn.close()
+    if statuses != [401, 200]:
+        raise BenchError(
+            f"{name}: without / with the credential answered {statuses}, "
+            "expected [401, 200]: the auth middleware is not on the request path"
+        )
+    print(f"check: {name}: without the credential 401, with it 200")
+    return Target(name, port, proc, log, proxied=True, headers=(header,))
+
+
 def start_targets(
     procs: Processes, names: Sequence[str], fastgate_cmd: str, summaries: dict[str, list[str]]
 ) -> tuple[Target, dict[str, Target], dict[str, bytes]]:
@@ -754,6 +802,8 @@ def start_targets(
             targets[name] = start_fastgate(procs, origin_port, fastgate_cmd)
         elif name in RL_TARGETS:
             targets[name] = start_rl_target(procs, name, origin_port, summaries)
+        elif name in AUTH_TARGETS:
+            targets[name] = start_auth_target(procs, name, origin_port, summaries)
     return origin, targets, expected
 
 
@@ -768,7 +818,8 @@ def check_bodies(
             for size in sizes:
                 for attempt in (1, 2):
                     try:
-                        conn.request("GET", size.path, headers={"Host": "bench.local"})
+                        headers = {"Host": "bench.local", **dict(target.headers)}
+                        conn.request("GET", size.path, headers=headers)
                         resp = conn.getresponse()
                         body = resp.read()
                     except (OSError, http.client.HTTPException) as exc:
@@ -912,12 +963,15 @@ def parse_wrk(output: str) -> WrkResult:
     return result
 
 
-def run_wrk(procs: Processes, port: int, scenario: Scenario, seconds: int) -> WrkResult:
-    """One wrk run on the load core: one thread, N keep-alive connections, `seconds` long."""
+def run_wrk(procs: Processes, target: Target, scenario: Scenario, seconds: int) -> WrkResult:
+    """One wrk run on the load core: one thread, N keep-alive connections, `seconds` long,
+    with the target's headers on every request."""
     argv = [
         "taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{scenario.connections}",
-        f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{scenario.size.path}",
+        f"-d{seconds}s", "--latency", f"http://127.0.0.1:{target.port}{scenario.size.path}",
     ]  # fmt: skip
+    for name, value in target.headers:
+        argv[-1:-1] = ["-H", f"{name}: {value}"]
     proc = procs.spawn(argv, stdout=subprocess.PIPE)
     # On Ctrl-C the exception leaves wrk registered, so `Processes.stop_all` ends it.
     try:
@@ -948,13 +1002,13 @@ def measure(
     """A warm-up run (not recorded), then a recorded run with the proxy's and origin's CPU
     (and, for a target with a Redis, what the run cost Redis)."""
     if warmup > 0:
-        run_wrk(procs, target.port, scenario, warmup)
+        run_wrk(procs, target, scenario, warmup)
     proxy_pids = process_tree(target.proc.pid) if target.proxied else []
     origin_pids = process_tree(origin.proc.pid)
     redis_before = target.redis.snapshot() if target.redis else None
     proxy_before, origin_before = cpu_ticks(proxy_pids), cpu_ticks(origin_pids)
     cores_before, wrk_before, t0 = core_ticks(), children_cpu_us(), time.monotonic()
-    wrk = run_wrk(procs, target.port, scenario, duration)
+    wrk = run_wrk(procs, target, scenario, duration)
     cores_after, wrk_after, t1 = core_ticks(), children_cpu_us(), time.monotonic()
     proxy_after, origin_after = cpu_ticks(proxy_pids), cpu_ticks(origin_pids)
     proxy_us = cpu_delta_us(proxy_before, proxy_after)
@@ -1075,6 +1129,10 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
                 }
             else:
                 rate_limit = None
+            vs_fastgate = None
+            if name in MIDDLEWARE_TARGETS and FASTGATE in targets:
+                fg_rps, fg_cpu = round_ratios(runs, sc.name, name, FASTGATE)
+                vs_fastgate = {"rps_ratio": spread(fg_rps), "cpu_ratio": spread(fg_cpu)}
             summary[sc.name][name] = {
                 "runs": len(mine),
                 "valid": len(ok),
@@ -1090,6 +1148,7 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
                     for key in (f"core{PROXY_CORE}", f"core{LOAD_CORE}", "steal")
                 },
                 "rate_limit": rate_limit,
+                "vs_fastgate": vs_fastgate,
             }
     return summary
 
@@ -1172,6 +1231,7 @@ def markdown(
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", other_load_note([summary[sc.name][name] for name in targets]), ""]
         lines += rate_limit_table(summary[sc.name], targets, many)
+        lines += auth_table(summary[sc.name], targets, many)
     bad = [r for r in runs if not r.valid]
     if bad:
         lines += ["## Invalid runs (left out of the figures)", ""]
@@ -1213,6 +1273,38 @@ def rate_limit_table(rows: dict[str, dict], targets: Sequence[str], many: bool) 
         lines.append("| " + " | ".join(cells) + " |")
     if FASTGATE not in targets:
         lines += ["", f"(`{FASTGATE}` was not among the targets: no ratios.)"]
+    return [*lines, ""]
+
+
+def auth_table(rows: dict[str, dict], targets: Sequence[str], many: bool) -> list[str]:
+    """Under a scenario's table: each auth target against plain fastgate in the same round;
+    overhead = 1 - (req/s ratio), the figure the auth issue's targets are stated in."""
+    names = [name for name in targets if name in AUTH_TARGETS]
+    if not names:
+        return []
+    if FASTGATE not in targets:
+        return [f"(Auth targets ran without `{FASTGATE}` among the targets: no ratios.)", ""]
+    lines = [
+        f"Auth on the route (credential on every request; ratios to `{FASTGATE}` in the same "
+        "round):",
+        "",
+        "| target | req/s | req/s ratio to fastgate | overhead (median) | CPU µs/req "
+        "| CPU ratio to fastgate |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        row, vs = rows[name], rows[name]["vs_fastgate"] or {}
+        ratio = vs.get("rps_ratio")
+        overhead = f"{(1 - ratio['median']) * 100:.1f}%" if ratio else DASH
+        cells = [
+            name,
+            fmt_spread(row["rps"], 0, False),
+            fmt_spread(ratio, 2, many),
+            overhead,
+            fmt_spread(row["cpu_us_per_req"], 1, many),
+            fmt_spread(vs.get("cpu_ratio"), 2, many),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -1295,7 +1387,7 @@ def machine_info(targets: Sequence[str]) -> dict:
     }
     if "haproxy" in targets:
         versions["haproxy"] = command_output(["haproxy", "-v"])
-    if any(t == FASTGATE or t in RL_TARGETS for t in targets):
+    if any(t == FASTGATE or t in MIDDLEWARE_TARGETS for t in targets):
         versions["fastgate"] = command_output(
             [sys.executable, "-c", "import fastgate; print(getattr(fastgate, '__version__', '?'))"],
             cwd=REPO,

@@ -120,13 +120,18 @@ class AuthCommon:
             return None
         return self.refuse(ctx, "missing credentials", reply)
 
-    def admit(self, ctx: RequestContext, identity: Identity) -> None:
+    def forward_lines(self, identity: Identity) -> bytes:
+        """The upstream header lines for `identity` (b"" without forward_headers). A
+        middleware that caches identities caches these too and passes them to `admit`."""
+        return encode_identity_headers(self.headers, identity) if self.headers else b""
+
+    def admit(self, ctx: RequestContext, identity: Identity, lines: bytes | None = None) -> None:
         """Put `identity` on the request and its forward headers on the upstream head."""
         ctx.identity = identity
-        if self.headers:
-            lines = encode_identity_headers(self.headers, identity)
-            if lines:
-                ctx.conn.add_upstream_headers(lines)
+        if lines is None:
+            lines = self.forward_lines(identity)
+        if lines:
+            ctx.conn.add_upstream_headers(lines)
 
     def refuse(self, ctx: RequestContext, reason: str, reply: LocalReply) -> LocalReply:
         """Count and audit a refusal (reason: a fixed phrase, never a credential)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from fastgate._core.writer import reason_phrase
@@ -72,7 +72,7 @@ class RequestContext:
     conn: Any
     head: Any
     identity: Identity | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] | None = None  # for middlewares that pass facts down the chain
 
 
 class Middleware(Protocol):

@@ -10,20 +10,20 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from fastgate.middleware.base import RequestContext
+from fastgate.middleware.base import LocalReply, RequestContext
 
 
 def dispatch(conn: Any, head: Any) -> Any:
     """Run the route's chain for one request; see the module docstring for the result."""
     ctx = RequestContext(conn, head)
-    chain = head.route.chain
-    for i, mw in enumerate(chain):
+    i = 0
+    for mw in head.route.chain:
         verdict = mw.on_request(ctx)
-        if verdict is None:
-            continue
-        if inspect.isawaitable(verdict):
-            return _resume(ctx, chain, i, verdict)
-        return verdict
+        if verdict is not None:
+            if type(verdict) is LocalReply:
+                return verdict
+            return _resume(ctx, head.route.chain, i, verdict)
+        i += 1
     return None
 
 

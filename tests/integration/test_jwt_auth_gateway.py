@@ -11,7 +11,7 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import Client, Gateway, Origin, assert_error, base_config
+from conftest import Client, Gateway, Origin, assert_error, base_config, get
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -41,6 +41,14 @@ def gw(
             "audience": "api",
         },
         "rs": {"type": "jwt_auth", "algorithms": ["RS256"], "public_key_file": str(key_file)},
+        "fw": {
+            "type": "jwt_auth",
+            "algorithms": ["HS256"],
+            "secret": "${JWT_TEST_SECRET}",
+            "forward_claims": ["email"],
+            "forward_headers": {"X-User": "subject", "X-Email": "claim:email"},
+            "hide_credentials": True,
+        },
     }
     routes = [
         {
@@ -49,7 +57,7 @@ def gw(
             "service": "origin",
             "middlewares": [name],
         }
-        for name in ("hs", "rs")
+        for name in ("hs", "rs", "fw")
     ]
     return start_gateway(base_config(origin.port, middlewares=middlewares, routes=routes))
 
@@ -112,3 +120,19 @@ def test_valid_token_reaches_origin(
             seen = resp.json()
             assert seen["target"] == "/headers"
             assert ["Authorization", f"Bearer {token}"] in [list(h) for h in seen["headers"]]
+
+
+def test_identity_forwarded_and_forged_copies_stripped(gw: Gateway) -> None:
+    token = _token(SECRET, "HS256", email="alice@example.org")
+    forged = {"X-User": "root", "x-email": "root@example.org", "X-Other": "kept"}
+    resp = get(gw.addr, "/headers", host="fw.test",
+               headers={"Authorization": f"Bearer {token}", **forged})  # fmt: skip
+    assert resp.status == 200, resp.body
+    seen = [(k.lower(), v) for k, v in resp.json()["headers"]]
+    assert ("x-user", "alice") in seen and ("x-email", "alice@example.org") in seen
+    assert ("x-user", "root") not in seen and ("x-email", "root@example.org") not in seen
+    assert ("x-other", "kept") in seen
+    assert not [k for k, _ in seen if k == "authorization"]  # hide_credentials
+    # A refused request never reaches the origin, forged headers or not.
+    bad = get(gw.addr, "/headers", host="fw.test", headers=forged)
+    assert_error(bad, 401)

@@ -222,3 +222,27 @@ def test_error_reply_is_short_json_with_the_request_id() -> None:
     assert f"Content-Length: {len(body)}".encode() in head
     assert json.loads(body) == {"error": "upstream 'x' failed", "request_id": "rid9"}
     assert _build_error_reply(404, "no route", b"r", False, True).endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("strip", "kept"),
+    [
+        pytest.param(None, [b"X-User: forged", b"Authorization: Basic x", b"x-user: again"],
+                     id="nothing stripped"),
+        pytest.param((b"x-user",), [b"Authorization: Basic x"], id="every copy, any case"),
+        pytest.param((b"x-user", b"authorization"), [], id="several names"),
+        pytest.param((b"x-use",), [b"X-User: forged", b"Authorization: Basic x", b"x-user: again"],
+                     id="a prefix is not a match"),
+    ],
+)  # fmt: skip
+def test_stripped_headers_and_extra_lines(strip: tuple[bytes, ...] | None, kept: list) -> None:
+    raw = (
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-User: forged\r\nAuthorization: Basic x\r\n"
+        b"x-user: again\r\n\r\n"
+    )
+    head, _ = parse_request(raw)
+    out = _build_request_head(head, UNTRUSTED, b"r1", False, b"X-User: alice\r\n", strip)
+    lines = out[:-4].split(b"\r\n")
+    names = (b"x-user:", b"authorization:")
+    assert [line for line in lines[:-1] if line.lower().startswith(names)] == kept
+    assert lines[-1] == b"X-User: alice"  # the middleware's line comes last, always
