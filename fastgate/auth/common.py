@@ -82,7 +82,7 @@ def parse_options(model: type[Options], options: Any) -> Options:
     try:
         return model.model_validate(options)
     except ValidationError as exc:
-        raise ConfigError.from_errors(pydantic_errors(exc)) from None
+        raise ConfigError.from_errors(pydantic_errors(exc, model)) from None
 
 
 class AuthCommon:

@@ -711,9 +711,11 @@ def format_path(loc: typing.Iterable[int | str]) -> str:
     return out
 
 
-def _model_at(loc: typing.Sequence[int | str]) -> type[BaseModel] | None:
+def _model_at(
+    loc: typing.Sequence[int | str], root: type[BaseModel] | None = None
+) -> type[BaseModel] | None:
     """The model class that a loc points into (for 'did you mean' on unknown keys)."""
-    annotation: Any = Config
+    annotation: Any = Config if root is None else root
     for part in loc:
         annotation = _unwrap(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -751,8 +753,11 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
-def pydantic_errors(exc: ValidationError) -> list[tuple[str, str]]:
-    """Turn a pydantic ValidationError into (key path, reason) pairs with plain reasons."""
+def pydantic_errors(
+    exc: ValidationError, root: type[BaseModel] | None = None
+) -> list[tuple[str, str]]:
+    """Turn a pydantic ValidationError into (key path, reason) pairs with plain reasons.
+    `root` is the model that was validated (default: the whole Config), for 'did you mean'."""
     out: list[tuple[str, str]] = []
     for err in exc.errors(include_url=False):
         loc = list(err["loc"])
@@ -767,8 +772,9 @@ def pydantic_errors(exc: ValidationError) -> list[tuple[str, str]]:
                     out.append((path, why))
                 continue
         elif kind == "extra_forbidden":
-            model = _model_at(loc[:-1])
-            hint = _did_you_mean(str(loc[-1]), model.model_fields) if model else ""
+            model = _model_at(loc[:-1], root)
+            names = [f.alias or n for n, f in model.model_fields.items()] if model else []
+            hint = _did_you_mean(str(loc[-1]), names)
             reason = f"unknown key{hint}"
         elif kind == "missing":
             reason = "required key is missing"

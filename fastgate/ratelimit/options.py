@@ -358,7 +358,7 @@ def parse_options(options: dict[str, Any]) -> RateLimitOptions:
     except ValidationError as exc:
         inline = isinstance(options, dict) and "limits" not in options
         errors = []
-        for path, reason in pydantic_errors(exc):
+        for path, reason in pydantic_errors(exc, RateLimitOptions):
             # Whole-model checks name their field first in the reason ("cost: ...").
             field, sep, rest = reason.partition(": ")
             if sep and field in _FIELDS_IN_REASONS and not path.endswith(field):
