@@ -434,6 +434,15 @@ class Snapshot:
     def verify_key(self, key: str | bytes, now: float) -> Consumer | None:
         """The owner of `key`, or None when it is malformed, unknown, revoked, expired or its
         secret is wrong. A well-formed key always costs one HMAC (see the module rules)."""
+        found = self.check_key(key)
+        if found is None or (found[1] is not None and now >= found[1]):
+            return None
+        return found[0]
+
+    def check_key(self, key: str | bytes) -> tuple[Consumer, float | None] | None:
+        """(owner, expiry time or None) of a valid key whatever the time; None when it is
+        malformed, unknown, revoked or its secret is wrong. For callers that cache the
+        answer until the expiry (or the next snapshot)."""
         if isinstance(key, str):
             try:
                 key = key.encode("ascii")
@@ -449,9 +458,7 @@ class Snapshot:
         salt, digest, expires, consumer = entry
         if not hmac.compare_digest(hmac.digest(salt, match[2], "sha256"), digest):
             return None
-        if expires is not None and now >= expires:
-            return None
-        return consumer
+        return consumer, expires
 
     def password_hash(self, name: str) -> tuple[Consumer, str] | None:
         """(consumer, its argon2 hash); None when there is no such consumer or no password."""

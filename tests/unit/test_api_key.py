@@ -298,6 +298,29 @@ def test_sees_store_changes(make, store_path: Path, keys: dict[str, str]) -> Non
     assert stats["keys"] == 3 and stats["consumers"] == 2  # unrevoked: expired, bob x2
 
 
+def test_repeated_key_is_remembered_until_the_store_changes(
+    make, store_path: Path, keys: dict[str, str]
+) -> None:
+    mw = make()
+    for _ in range(3):
+        assert mw.on_request(request({"X-API-Key": keys["alice"]})) is None
+    assert mw.verified == 1  # one HMAC, then the per-snapshot cache
+    with ConsumerStore(store_path) as s:
+        s.revoke_key(s.list_keys("alice")[0].key_id)
+    assert mw.watcher.refresh() is True
+    assert refusal(mw.on_request(request({"X-API-Key": keys["alice"]})))[0] == "invalid api key"
+
+
+def test_remembered_key_expires(make, store_path: Path) -> None:
+    with ConsumerStore(store_path) as s:
+        key = s.add_key("bob", expires=time.time() + 30)[1]
+    mw = make()
+    mw.watcher.refresh()
+    assert mw.on_request(request({"X-API-Key": key})) is None
+    mw.clock = lambda: time.time() + 31
+    assert refusal(mw.on_request(request({"X-API-Key": key})))[0] == "invalid api key"
+
+
 def test_instances_share_one_watcher(make) -> None:
     first, second = make(), make(header="X-Other")
     assert first.watcher is second.watcher
