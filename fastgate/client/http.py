@@ -106,7 +106,7 @@ class HttpResponse:
         return [value for key, value in self.headers if key.lower() == name]
 
 
-class _Url(NamedTuple):
+class Url(NamedTuple):
     scheme: str
     host: str  # for connecting and for the certificate check: no brackets
     port: int
@@ -115,7 +115,7 @@ class _Url(NamedTuple):
     where: str  # host:port for error messages (never the path or query)
 
 
-def _split_url(url: str) -> _Url:
+def split_url(url: str) -> Url:
     """Split an http(s) URL, refusing what could smuggle bytes into the request line."""
     if not isinstance(url, str) or not _URL_CHARS.match(url):
         raise ValueError("url must be printable ASCII without spaces or control characters")
@@ -153,10 +153,10 @@ def _split_url(url: str) -> _Url:
     if parts.query:
         target += "?" + parts.query
     host_header = bracketed if port == default else f"{bracketed}:{port}"
-    return _Url(scheme, host, port, target, host_header, f"{bracketed}:{port}")
+    return Url(scheme, host, port, target, host_header, f"{bracketed}:{port}")
 
 
-def _build_head(method: str, url: _Url, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
+def _build_head(method: str, url: Url, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
     """The request head; ValueError for any caller input that is not safe to send as is."""
     if not isinstance(method, str) or not _TOKEN.match(method):
         raise ValueError("method is not a token")
@@ -269,7 +269,7 @@ class HttpClient:
 
         ValueError (before anything is sent) for an unusable URL, method, header or argument.
         """
-        target = _split_url(url)
+        target = split_url(url)
         body = bytes(body)
         head = _build_head(method, target, headers, body)
         limit = self._max_response_bytes if max_body is None else max_body
@@ -330,7 +330,7 @@ class HttpClient:
     # -- one request --------------------------------------------------------------------------
 
     async def _send(
-        self, method: str, url: _Url, head: bytes, body: bytes, limit: int
+        self, method: str, url: Url, head: bytes, body: bytes, limit: int
     ) -> HttpResponse:
         key = (url.scheme, url.host, url.port)
         conn = self._take_idle(key)
@@ -361,7 +361,7 @@ class HttpClient:
                 self._ssl = ctx
         return self._ssl
 
-    async def _connect(self, url: _Url) -> _Conn:
+    async def _connect(self, url: Url) -> _Conn:
         ctx = await self._tls_context() if url.scheme == "https" else None
         try:
             reader, writer = await asyncio.open_connection(
@@ -384,7 +384,7 @@ class HttpClient:
         key: tuple[str, str, int],
         conn: _Conn,
         method: str,
-        url: _Url,
+        url: Url,
         head: bytes,
         body: bytes,
         limit: int,

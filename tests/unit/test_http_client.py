@@ -20,8 +20,8 @@ from fastgate.client.http import (
     HttpClient,
     HttpClientError,
     HttpResponse,
-    _split_url,
     cache_max_age,
+    split_url,
 )
 
 TEST_TIMEOUT = 10.0
@@ -563,7 +563,7 @@ def test_unsafe_request_refused_before_sending(method: str, url: str, headers: l
 )
 def test_bad_url_refused(url: str) -> None:
     with pytest.raises(ValueError) as info:
-        _split_url(url)
+        split_url(url)
     assert "pw" not in str(info.value)
 
 
@@ -581,7 +581,7 @@ def test_bad_url_refused(url: str) -> None:
     ],
 )
 def test_split_url(url: str, host: str, port: int, target: str, host_header: str) -> None:
-    parts = _split_url(url)
+    parts = split_url(url)
     assert (parts.host, parts.port, parts.target, parts.host_header) == (
         host,
         port,
