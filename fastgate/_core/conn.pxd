@@ -168,6 +168,8 @@ cdef class ConnCore:
     cdef void close_client(self, bint linger)
 
     cdef long long req_seen               # chunked request bytes seen (max_body)
+    cdef object peer_cert                  # TLS client certificate (DER) or None; lazy
+    cdef bint peer_cert_known              # peer_cert was looked up (once per connection)
     cdef Py_ssize_t consume(self, object src, const char *p, Py_ssize_t n)
     cdef void hold_check(self)
     cdef void drain_inbuf(self)

@@ -976,6 +976,29 @@ cdef class ConnCore:
         """The TCP peer's address as text (for audit lines and auth decisions)."""
         return self.fwd.client_ip.decode("latin-1") if self.fwd is not None else ""
 
+    @property
+    def peer_certificate(self):
+        """The client's certificate as DER bytes, or None (plain TCP, or no certificate sent).
+
+        On a TLS entrypoint with client_auth optional/required the handshake has verified it
+        against the client CA (a certificate that fails verification fails the handshake, so
+        no request ever arrives). Looked up once per connection: renegotiation is off, so it
+        cannot change while the connection lives."""
+        if not self.peer_cert_known and self.transport is not None:
+            self.peer_cert_known = True
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.peer_cert = ssl_object.getpeercert(True)
+        return self.peer_cert
+
+    @property
+    def tls_version(self):
+        """The negotiated TLS version ("TLSv1.3", ...), or None on a plain TCP connection."""
+        if self.transport is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        return ssl_object.version() if ssl_object is not None else None
+
     def on_done(self, callback):
         """Call `callback(conn)` when the current exchange ends, however it ends."""
         self.add_done(callback)

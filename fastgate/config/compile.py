@@ -24,6 +24,7 @@ from fastgate._core.router import Router, RouteSpec
 from fastgate.config.schema import Config
 from fastgate.errors import ConfigError
 from fastgate.middleware import registry
+from fastgate.tls.server import TlsGeneration, build_generation
 
 __all__ = [
     "BuildContext",
@@ -46,6 +47,7 @@ class Runtime:
     services: dict[str, Service]
     pools: tuple[ServerPool, ...]
     middlewares: dict[str, Any] = field(default_factory=dict)
+    tls: dict[str, TlsGeneration] = field(default_factory=dict)  # TLS entrypoints' contexts
 
     def retire(self) -> None:
         """Stop pooling this generation's upstream connections (busy ones finish first) and
@@ -182,7 +184,13 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
         max_target=config.limits.max_target,
     )
     entries: dict[str, EntryConfig] = {}
+    tls: dict[str, TlsGeneration] = {}
     for ep_name, ep in config.entrypoints.items():
+        if ep.tls is not None:
+            try:
+                tls[ep_name] = build_generation(f"entrypoints.{ep_name}.tls", ep.tls)
+            except ConfigError as exc:
+                errors.extend(exc.errors)
         specs = []
         for i, route in enumerate(config.routes):
             if route.entrypoints and ep_name not in route.entrypoints:
@@ -222,12 +230,12 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             idle_timeout=config.timeouts.idle,
             body_timeout=config.timeouts.body,
             max_body=config.limits.max_body_bytes,
-            proto=b"http",
+            proto=b"https" if ep.tls is not None else b"http",
             trusted_nets=ep.forwarded.networks(),
             forwarded_header=ep.forwarded.forwarded_header,
             max_held=config.limits.max_pipeline_bytes,
         )
-    runtime = Runtime(config, entries, services, tuple(pools), chains)
+    runtime = Runtime(config, entries, services, tuple(pools), chains, tls)
     if errors:
         runtime.retire()
         raise ConfigError.from_errors(errors)

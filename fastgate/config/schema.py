@@ -48,6 +48,7 @@ __all__ = [
     "Config",
     "DemoOrigin",
     "Entrypoint",
+    "EntrypointTls",
     "Forwarded",
     "Limits",
     "Match",
@@ -61,6 +62,7 @@ __all__ = [
     "Server",
     "Service",
     "Timeouts",
+    "TlsCertificate",
     "UpstreamTimeouts",
     "cross_check",
     "format_path",
@@ -281,12 +283,104 @@ class Forwarded(_Model):
         return tuple(ipaddress.ip_network(n) for n in self.trusted_ips)
 
 
+def _tls_version(value: Any) -> Any:
+    # YAML reads an unquoted 1.2 as a float.
+    return {1.2: "1.2", 1.3: "1.3"}.get(value, value) if isinstance(value, float) else value
+
+
+def _check_file_name(path: str) -> str:
+    if not path.strip():
+        raise ValueError("expected a file path")
+    return path
+
+
+FilePath = Annotated[str, AfterValidator(_check_file_name)]
+
+
+class TlsCertificate(_Model):
+    """One server certificate: PEM files, read (and checked) when the runtime is compiled."""
+
+    cert_file: FilePath = Field(description="the certificate, then its intermediates")
+    key_file: FilePath = Field(description="its private key (unencrypted PEM)")
+
+
+class EntrypointTls(_Model):
+    """TLS termination on an entrypoint (fastgate/tls/server.py reads the files).
+
+    The first certificate is the default (no SNI, or a name no certificate covers); the
+    others are picked by SNI from their DNS subjectAltNames.
+    """
+
+    certificates: tuple[TlsCertificate, ...] = Field(description="the first is the default")
+    min_version: Annotated[Literal["1.2", "1.3"] | None, BeforeValidator(_tls_version)] = Field(
+        None, description='"1.2" (default) or "1.3"; ciphers: modern means 1.3'
+    )
+    ciphers: Literal["modern", "intermediate"] = Field(
+        "intermediate", description="modern: TLS 1.3 only; intermediate: Mozilla's TLS 1.2 list"
+    )
+    handshake_timeout: Seconds = Field(10.0, description="a handshake not done by then is closed")
+    client_auth: Literal["none", "optional", "required"] = Field(
+        "none", description="ask for (optional) or demand (required) a client certificate"
+    )
+    client_ca_file: FilePath | None = Field(
+        None, validate_default=True, description="PEM CAs that client certificates chain to"
+    )
+    crl_file: FilePath | None = Field(
+        None, validate_default=True, description="PEM CRL checked for the client certificate"
+    )
+
+    @field_validator("certificates")
+    @classmethod
+    def _some_certificates(
+        cls, certificates: tuple[TlsCertificate, ...]
+    ) -> tuple[TlsCertificate, ...]:
+        if not certificates:
+            raise ValueError("at least one certificate (the first is the default)")
+        return certificates
+
+    @field_validator("ciphers")
+    @classmethod
+    def _modern_is_13(cls, ciphers: str, info: ValidationInfo) -> str:
+        if ciphers == "modern" and info.data.get("min_version") == "1.2":
+            raise ValueError('modern is TLS 1.3 only; set min_version "1.3" or leave it out')
+        return ciphers
+
+    @field_validator("client_ca_file")
+    @classmethod
+    def _ca_needed(cls, path: str | None, info: ValidationInfo) -> str | None:
+        auth = info.data.get("client_auth", "none")
+        if path is None and auth != "none":
+            raise ValueError(f"client_auth: {auth} needs client_ca_file")
+        if path is not None and auth == "none":
+            raise ValueError("client_ca_file is only used with client_auth optional or required")
+        return path
+
+    @field_validator("crl_file")
+    @classmethod
+    def _crl_needs_auth(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is not None and info.data.get("client_auth", "none") == "none":
+            raise ValueError("crl_file is only used with client_auth optional or required")
+        return path
+
+    @property
+    def version(self) -> str:
+        """The effective minimum version: "1.3" with modern ciphers, else min_version/1.2."""
+        return "1.3" if self.ciphers == "modern" else self.min_version or "1.2"
+
+    def files(self) -> tuple[str, ...]:
+        """Every file this section names (the supervisor watches them for changes)."""
+        names = [p for c in self.certificates for p in (c.cert_file, c.key_file)]
+        names += [p for p in (self.client_ca_file, self.crl_file) if p is not None]
+        return tuple(dict.fromkeys(names))
+
+
 class Entrypoint(_Model):
     """A listener: one address, bound with SO_REUSEPORT in every worker."""
 
     address: Address = Field("127.0.0.1:8080", description="host:port or [ipv6]:port")
     backlog: int = Field(1024, ge=1, le=65535, description="listen(2) backlog")
     forwarded: Forwarded = Forwarded()
+    tls: EntrypointTls | None = Field(None, description="TLS termination; absent = plain HTTP")
 
     @property
     def host(self) -> str:

@@ -13,7 +13,10 @@ problem logged by key path; `/readyz` shows `last_reload: "refused: ..."`, and t
 the running generation. A good one gets the next generation number and is sent to every
 worker, which swaps it in and reports the generation it serves (`/readyz` `workers_current`).
 A file change that leaves the config equal to the running one is not a new generation; a
-SIGHUP always is.
+SIGHUP always is. The certificate, key, CA and CRL files that TLS entrypoints name are polled
+the same way: a change to one of them reloads (a new generation even though the config text
+is the same), so renewed certificates are picked up without a restart; a broken one is
+refused like a bad config and the running certificates keep serving.
 
 Stop (SIGTERM or SIGINT): `/readyz` turns 503, workers get SIGTERM and drain (drain_timeout),
 a worker still running `drain_timeout + KILL_GRACE` seconds later is killed, then the admin
@@ -34,7 +37,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from fastgate.config.compile import check_runtime
@@ -42,6 +45,7 @@ from fastgate.config.schema import Config
 from fastgate.errors import ConfigError
 from fastgate.server.listener import check_bindable
 from fastgate.server.worker import config_payload
+from fastgate.tls.server import certificate_files
 
 log = logging.getLogger("fastgate")
 
@@ -91,6 +95,7 @@ class Supervisor:
         self.quick_deaths = 0
         self.last_worker_error = ""
         self.file_stamp = _stamp(config_path)
+        self.tls_stamps = _stamps(certificate_files(config))
         self.stop_requested = asyncio.Event()
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -258,13 +263,17 @@ class Supervisor:
             log.info("%s: nothing to reload (no config file)", trigger)
             return
         self.file_stamp = _stamp(self.config_path)
+        tls_stamps = _stamps(certificate_files(self.config))
         try:
             config = self.reload_config()
-            if only_if_changed and config == self.config:
+            # Stamped before the files are read: a change while checking is seen next round.
+            tls_stamps = _stamps(certificate_files(config))
+            if only_if_changed and config == self.config and tls_stamps == self.tls_stamps:
                 log.info("%s: the config is unchanged; nothing to do", trigger)
                 return
             self._check(config)
         except ConfigError as exc:
+            self.tls_stamps = tls_stamps
             self.last_reload = "refused: " + "; ".join(exc.lines())
             log.error(
                 "%s: new config refused, generation %d keeps serving:\n%s",
@@ -274,11 +283,13 @@ class Supervisor:
             )
             return
         except Exception as exc:  # a bug here must not take the supervisor down
+            self.tls_stamps = tls_stamps
             self.last_reload = f"refused: internal error: {exc}"
             log.exception(
                 "%s: reload failed, generation %d keeps serving", trigger, self.generation
             )
             return
+        self.tls_stamps = tls_stamps
         self._apply(config)
         log.info(
             "%s: config generation %d sent to %d workers",
@@ -318,16 +329,24 @@ class Supervisor:
         self._adjust_worker_count()
 
     async def _watch_file(self) -> None:
-        """Reload when the config file changes on disk (polled; cheap and dependable)."""
+        """Reload when the config file or a TLS file it names changes on disk (polled;
+        cheap and dependable)."""
         while not self.stopping:
             await asyncio.sleep(WATCH_INTERVAL)
             stamp = _stamp(self.config_path)
-            if stamp is None or stamp == self.file_stamp:
-                continue  # unchanged, or missing for a moment (an editor's rename dance)
-            await asyncio.sleep(0.1)
-            if _stamp(self.config_path) != stamp:
-                continue  # still being written: look again next round
-            self.reload("config file change", only_if_changed=True)
+            if stamp is not None and stamp != self.file_stamp:
+                await asyncio.sleep(0.1)
+                if _stamp(self.config_path) != stamp:
+                    continue  # still being written: look again next round
+                self.reload("config file change", only_if_changed=True)
+                continue
+            # Missing for a moment (an editor's or certbot's rename dance) is not a change.
+            stamps = _stamps(self.tls_stamps)
+            if any(v is not None and v != self.tls_stamps[k] for k, v in stamps.items()):
+                await asyncio.sleep(0.1)
+                if _stamps(self.tls_stamps) != stamps:
+                    continue  # still being written (a certificate and its key, one by one)
+                self.reload("certificate file change")
 
     # ---- stop ------------------------------------------------------------------------------
 
@@ -357,7 +376,9 @@ class Supervisor:
         if servers is None:
             return 2
         for name, ep in self.config.entrypoints.items():
-            log.info("entrypoint %s on http://%s", name, ep.address)
+            log.info(
+                "entrypoint %s on %s://%s", name, "http" if ep.tls is None else "https", ep.address
+            )
         if self.config.admin.enabled:
             log.info("admin on http://%s (/healthz, /readyz)", self.config.admin.address)
         for _ in range(self.config.worker_count()):
@@ -448,6 +469,10 @@ def _stamp(path: str | None) -> FileStamp | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def _stamps(paths: Iterable[str]) -> dict[str, FileStamp | None]:
+    return {path: _stamp(path) for path in paths}
 
 
 def serve(

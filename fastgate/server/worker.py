@@ -12,7 +12,11 @@ corrupt the status stream.
 
 Reload: compile the new Runtime and bind any new listener addresses first; only when both
 succeed is each entrypoint's `cfg` swapped, so a failure keeps the running generation whole.
-Messages are applied one at a time, in order.
+Messages are applied one at a time, in order. A TLS entrypoint keeps its listener and base
+SSL context; its `TlsListener` is given the new generation's certificates, so new handshakes
+use them and established connections are untouched. Turning TLS on or off, changing
+handshake_timeout or the client-certificate policy (client_auth, CA or CRL contents) moves
+the entrypoint to a new listener (like an address change; see fastgate/tls/server.py).
 
 Drain (SIGTERM/SIGINT, or stdin closing because the supervisor is gone): close the listeners,
 stop keep-alive (idle connections close now, busy ones after their response), wait for the
@@ -39,6 +43,7 @@ from fastgate.config.schema import Config, Entrypoint, parse_config
 from fastgate.errors import ConfigError
 from fastgate.server.dispatch import dispatch
 from fastgate.server.listener import bind
+from fastgate.tls.server import TlsListener, describe, listener_shape
 
 log = logging.getLogger("fastgate.worker")
 
@@ -65,6 +70,7 @@ class Worker:
         self.runtime: Runtime = compile_runtime(config, self.engine)
         self.entrypoints: dict[str, EntryPoint] = {}
         self.servers: dict[str, tuple[str, asyncio.AbstractServer]] = {}
+        self.tls: dict[str, TlsListener] = {}  # the TLS entrypoints' listeners
         self.stopping = stopping or asyncio.Event()
         self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._pending = b""
@@ -81,9 +87,21 @@ class Worker:
         ep = self.config.entrypoints[name]
         entry = EntryPoint(name, self.runtime.entries[name])
         engine = self.engine
-        server = await self.loop.create_server(
-            lambda: DownstreamProtocol(engine, entry), sock=sock, backlog=ep.backlog
-        )
+        generation = self.runtime.tls.get(name)
+        if ep.tls is None or generation is None:
+            server = await self.loop.create_server(
+                lambda: DownstreamProtocol(engine, entry), sock=sock, backlog=ep.backlog
+            )
+        else:
+            tls = TlsListener(generation)
+            server = await self.loop.create_server(
+                tls.protocol_factory(engine, entry),
+                sock=sock,
+                backlog=ep.backlog,
+                ssl=tls.context,
+                ssl_handshake_timeout=ep.tls.handshake_timeout,
+            )
+            self.tls[name] = tls
         self.entrypoints[name] = entry
         self.servers[name] = (ep.address, server)
 
@@ -93,7 +111,10 @@ class Worker:
         changed = {
             name: ep
             for name, ep in config.entrypoints.items()
-            if name not in self.servers or self.servers[name][0] != ep.address
+            if name not in self.servers
+            or self.servers[name][0] != ep.address
+            or listener_shape(ep.tls) != listener_shape(self.config.entrypoints[name].tls)
+            or (name in self.tls and not self.tls[name].can_swap(runtime.tls[name]))
         }
         try:
             socks = _bind_all(changed)
@@ -107,11 +128,14 @@ class Worker:
         for name, entry in self.entrypoints.items():
             if name in runtime.entries and name not in changed:
                 entry.cfg = runtime.entries[name]
+                if name in self.tls:
+                    self.tls[name].swap(runtime.tls[name])
         for name in list(self.servers):
             if name not in config.entrypoints or name in changed:
                 # Connections accepted there keep the old cfg until they close.
                 self.servers.pop(name)[1].close()
                 del self.entrypoints[name]
+                self.tls.pop(name, None)
         for name, sock in socks.items():
             await self._serve(name, sock)
         self.engine.set_tick_interval(_tick_for(config))
@@ -202,6 +226,8 @@ class Worker:
                 self.engine.start_drain()
                 next_sweep = self.loop.time() + _REDRAIN_INTERVAL
         left = len(self.engine.conns)
+        for line in describe(self.tls.items()):
+            log.info("worker %d: %s", os.getpid(), line)
         self.engine.abort_all()
         self.engine.close()
         self.runtime.retire()
