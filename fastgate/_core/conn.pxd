@@ -12,8 +12,9 @@ cdef enum ReqState:
     RQ_BODY = 2        # streaming the request body upstream
     RQ_SENT = 3        # request fully sent; waiting for the response to finish
     RQ_TUNNEL = 4      # after 101 Switching Protocols: bytes relayed both ways
-    RQ_CLOSED = 5
-    RQ_LINGER = 6      # error reply sent, FIN sent; discarding input until EOF or deadline
+    RQ_BUFFER = 5      # reading the request body into memory before the middleware chain runs
+    RQ_CLOSED = 6      # this and every state after it: the exchange is over (`rq >= RQ_CLOSED`)
+    RQ_LINGER = 7      # error reply sent, FIN sent; discarding input until EOF or deadline
 
 cdef enum RespState:
     RS_NONE = 0        # no exchange in flight
@@ -106,6 +107,7 @@ cdef class Route:
     cdef readonly Service service
     cdef readonly bytes extra_headers      # preformatted request header lines
     cdef readonly tuple strip_headers      # lowercase names never passed upstream; None = none
+    cdef readonly long long buffer_body    # >0: read bodies up to this size before the chain
 
 cdef class UpstreamCore:
     cdef object transport
@@ -168,6 +170,13 @@ cdef class ConnCore:
     cdef void close_client(self, bint linger)
 
     cdef long long req_seen               # chunked request bytes seen (max_body)
+    cdef bytearray body_buf                # RQ_BUFFER: the body as received (wire framing)
+    cdef ChunkedScanner body_scan          # RQ_BUFFER, chunked: finds the end, decodes
+    cdef readonly bytes request_body       # the decoded buffered body, for the chain
+    cdef bint body_read                    # this request's body was read whole (no linger)
+    cdef bint start_buffer(self)
+    cdef Py_ssize_t buffer_more(self, const char *p, Py_ssize_t n)
+    cdef bint run_chain(self)
     cdef object peer_cert                  # TLS client certificate (DER) or None; lazy
     cdef bint peer_cert_known              # peer_cert was looked up (once per connection)
     cdef Py_ssize_t consume(self, object src, const char *p, Py_ssize_t n)

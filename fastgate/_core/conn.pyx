@@ -287,7 +287,7 @@ cdef class CoreCheck:
 
 cdef class Route:
     def __init__(self, str name, Service service, tuple chain=(), bytes extra_headers=None,
-                 tuple checks=(), strip_headers=()):
+                 tuple checks=(), strip_headers=(), long long buffer_body=0):
         for c in checks:
             if not isinstance(c, CoreCheck):
                 raise TypeError(f"route {name!r}: {c!r} is not a CoreCheck")
@@ -303,6 +303,11 @@ cdef class Route:
             if not isinstance(n, bytes) or not n:
                 raise TypeError(f"route {name!r}: strip_headers must be non-empty bytes")
         self.strip_headers = names or None
+        # A middleware that must see the body (forward_auth's forward_body) asks for it to be
+        # read whole, up to this many bytes, before the chain runs; 0 keeps bodies streamed.
+        if buffer_body < 0:
+            raise ValueError(f"route {name!r}: buffer_body must be >= 0")
+        self.buffer_body = buffer_body
 
 
 cdef class UpstreamCore:
@@ -457,7 +462,7 @@ cdef class ConnCore:
                 self.up.transport.write_eof()
                 return True
             return False
-        if self.rq == RQ_BODY:
+        if self.rq == RQ_BODY or self.rq == RQ_BUFFER:
             self.abort()          # the body can never complete
             return False
         if self.rs != RS_NONE or self.rq == RQ_DISPATCH:
@@ -556,6 +561,15 @@ cdef class ConnCore:
                 if k < 0:
                     return n
                 pos += k
+            elif self.rq == RQ_BUFFER:
+                k = self.buffer_more(p + pos, n - pos)
+                if k < 0:
+                    return n
+                pos += k
+                if self.rq == RQ_BUFFER:
+                    break  # all of p used, the body goes on
+                if not self.run_chain():
+                    return n
             else:
                 # RQ_DISPATCH / RQ_SENT: hold the pipelined bytes until the response is done.
                 break
@@ -577,6 +591,8 @@ cdef class ConnCore:
             return False
         self.head = h
         self.up_extra = None
+        self.request_body = None
+        self.body_read = False
         rid = client_request_id(h)
         if rid is None:
             self.request_id = self.engine.next_request_id()
@@ -610,12 +626,78 @@ cdef class ConnCore:
             if verdict is not None:
                 self.send_local(verdict)
                 return self.rq < RQ_CLOSED
+        if self.route.buffer_body and h.framing != FRAMING_NONE:
+            return self.start_buffer()
+        return self.run_chain()
+
+    cdef bint run_chain(self):
+        """Run the route's middleware chain (if any), then forward: the request head is
+        parsed and routed, and its body is either still to come or buffered whole."""
         if self.route.chain:
-            verdict = self.engine.dispatch(self, h)
+            verdict = self.engine.dispatch(self, self.head)
             if verdict is not None:
                 return self.dispatch_verdict(verdict)
         self.forward()
         return self.rq < RQ_CLOSED
+
+    cdef bint start_buffer(self):
+        """Read the body into memory before the chain (up to route.buffer_body bytes)."""
+        cdef RequestHead h = self.head
+        if h.framing == FRAMING_LENGTH and h.content_length > self.route.buffer_body:
+            self.reply_error(413, "request body too large", True)
+            return False
+        self.rq = RQ_BUFFER
+        self.body_buf = bytearray()
+        if h.framing == FRAMING_LENGTH:
+            self.req_remaining = h.content_length
+        elif self.body_scan is None:
+            self.body_scan = ChunkedScanner(True)
+        else:
+            self.body_scan.reset()
+        if h.expect_continue:
+            # The client waits for this before it sends the body we are about to read; the
+            # upstream's own 100 later is an interim response the client may also see.
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.timer = T_BODY
+        self.deadline = self.engine.now + self.cfg.body_timeout
+        return True
+
+    cdef Py_ssize_t buffer_more(self, const char *p, Py_ssize_t n):
+        """Append body bytes to the buffer; -1 after an error reply. Leaves RQ_BUFFER (for
+        RQ_DISPATCH) when the body is complete."""
+        cdef Py_ssize_t k
+        cdef bint done
+        if self.head.framing == FRAMING_LENGTH:
+            k = n if n <= self.req_remaining else <Py_ssize_t>self.req_remaining
+            self.req_remaining -= k
+            done = self.req_remaining == 0
+        else:
+            k = self.body_scan.scan(p, n)
+            if k < 0:
+                self.reply_error(400, "bad chunked framing", True)
+                return -1
+            done = self.body_scan.done
+        self.body_buf += PyBytes_FromStringAndSize(p, k)
+        # Chunked: bound the bytes on the wire as they come (framing may double tiny chunks),
+        # then the decoded size once whole.
+        if (self.head.framing == FRAMING_CHUNKED
+                and PyByteArray_GET_SIZE(self.body_buf) > 2 * self.route.buffer_body + 65536):
+            self.reply_error(413, "request body too large", True)
+            return -1
+        if done:
+            if self.head.framing == FRAMING_LENGTH:
+                self.request_body = bytes(self.body_buf)
+            else:
+                self.request_body = self.body_scan.payload
+                if PyBytes_GET_SIZE(self.request_body) > self.route.buffer_body:
+                    self.reply_error(413, "request body too large", True)
+                    return -1
+            self.rq = RQ_DISPATCH
+            self.timer = T_NONE
+            self.body_read = True
+        elif self.timer == T_BODY:
+            self.deadline = self.engine.now + self.cfg.body_timeout
+        return k
 
     cdef bint dispatch_verdict(self, object verdict):
         # An awaitable: stop reading until it resolves. Anything else is a LocalReply.
@@ -644,13 +726,14 @@ cdef class ConnCore:
 
     cdef void send_local(self, object reply):
         """Answer with a middleware's LocalReply: `reply.encode(request_id, close)` bytes."""
-        cdef bint close = (self.head.framing != FRAMING_NONE or not self.head.keep_alive
-                           or self.close_after)
+        cdef bint unread = self.head.framing != FRAMING_NONE and not self.body_read
+        cdef bint close = unread or not self.head.keep_alive or self.close_after
         self.rs = RS_NONE
         self.engine.responses += 1
+        self.body_buf = None
         # The request body was not read: linger on close, as after an error reply.
-        self.linger = self.head.framing != FRAMING_NONE
-        self._write(reply.encode(self.request_id, close))
+        self.linger = unread
+        self._write(reply.encode(self.request_id, close, self.head.method == b"HEAD"))
         self.finish_exchange(close)
 
     cdef UpstreamCore connect(self, ServerPool pool):
@@ -705,6 +788,11 @@ cdef class ConnCore:
         if up.connected:
             self.timer = T_BODY
             self.deadline = self.engine.now + self.cfg.body_timeout
+        if self.body_buf is not None:
+            # The body was read before the chain ran: send it as it came (same framing).
+            buffered = bytes(self.body_buf)
+            self.body_buf = None
+            self.forward_body(buffered, PyBytes_AS_STRING(buffered), PyBytes_GET_SIZE(buffered))
 
     cdef Py_ssize_t forward_body(self, object src, const char *p, Py_ssize_t n):
         """Send request body bytes upstream; returns bytes used, -1 when the request failed."""
@@ -992,6 +1080,11 @@ cdef class ConnCore:
         return self.peer_cert
 
     @property
+    def proto(self):
+        """"http" or "https": the scheme of this entrypoint (what X-Forwarded-Proto says)."""
+        return self.fwd.proto.decode("latin-1") if self.fwd is not None else "http"
+
+    @property
     def tls_version(self):
         """The negotiated TLS version ("TLSv1.3", ...), or None on a plain TCP connection."""
         if self.transport is None:
@@ -1024,6 +1117,8 @@ cdef class ConnCore:
         self.route = None
         self.up_head = None
         self.request_id = None
+        self.body_buf = None
+        self.request_body = None
         if close:
             self.close_client(self.linger)
             return

@@ -200,12 +200,18 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             if service is None or None in chain:
                 continue  # already reported under services / middlewares
             strip = owned_headers(chain)
+            buffer_body = max((getattr(mw, "request_body_limit", 0) for mw in chain), default=0)
             checks, chain = split_chain(route.name, chain)
             try:
                 specs.append(
                     RouteSpec(
                         target=Route(
-                            route.name, service, chain, checks=checks, strip_headers=strip
+                            route.name,
+                            service,
+                            chain,
+                            checks=checks,
+                            strip_headers=strip,
+                            buffer_body=buffer_body,
                         ),
                         path=route.match.path,
                         path_type=route.match.path_type,

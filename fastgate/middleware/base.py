@@ -29,8 +29,9 @@ class LocalReply:
         body = json.dumps({"error": message}).encode()
         return cls(status, body, tuple((k.replace("_", "-"), v) for k, v in headers.items()))
 
-    def encode(self, request_id: bytes, close: bool) -> bytes:
-        """The whole response as bytes; a JSON error body gets the request id added."""
+    def encode(self, request_id: bytes, close: bool, head_only: bool = False) -> bytes:
+        """The whole response as bytes; a JSON error body gets the request id added.
+        `head_only` (a HEAD request): the same head, Content-Length included, no body."""
         body = self.body
         if self.content_type == "application/json" and body.startswith(b'{"error"'):
             body = body[:-1] + b',"request_id":"' + request_id + b'"}\n'
@@ -41,7 +42,8 @@ class LocalReply:
         lines.extend(f"{k}: {v}" for k, v in self.headers)
         if close:
             lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head if head_only else head + body
 
 
 @dataclass(frozen=True, slots=True)

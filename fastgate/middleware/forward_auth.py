@@ -41,8 +41,10 @@ Security rules this file obeys:
   answered from the cache. The decision must not depend on method, host, path or client
   address unless `cache_key` names `:method`, `:host`, `:path` or `:client_ip`.
 - Logs and audit records hold the status and the failure kind, never a header value or body.
-- `forward_body` is refused for now: the middleware chain runs before the request body is
-  read (the C relay streams it afterwards), so there is no body to send.
+- `forward_body: true` sends the request body too (with its Content-Type). The route then
+  reads bodies whole, up to `max_body` bytes, before the chain runs (`request_body_limit`:
+  the C relay buffers them and answers 413 above it) and sends them on to the service as they
+  came. A decision that reads the body cannot be cached (`cache_ttl` must stay 0).
 
 A cache hit returns without creating a coroutine; a miss returns one (the connection stops
 reading until it resolves). One pooled keep-alive HttpClient per instance. A kept-alive
@@ -121,9 +123,8 @@ _NOT_REQUEST_HEADERS = _HOP_BY_HOP | _GATEWAY_SENT | {"host", "content-length", 
 _NOT_RESPONSE_HEADERS = _HOP_BY_HOP | _GATEWAY_SENT | {"host", "content-length", "expect"}
 PSEUDO_KEYS = (":method", ":host", ":path", ":client_ip")
 _CACHED_DENY = frozenset({401, 403})
-FORWARD_BODY_UNSUPPORTED = (
-    "not supported yet: the request body is streamed after the middleware chain"
-)
+MAX_FORWARD_BODY = 16 << 20  # the most `max_body` may be: bodies are held in memory
+DEFAULT_FORWARD_BODY = 64 << 10
 
 
 class IdentityOptions(BaseModel):
@@ -145,7 +146,7 @@ class ForwardAuthOptions(AuthOptions):
     timeout: float = Field(2, gt=0, le=60)
     request_headers: list[str] = Field(default_factory=lambda: ["Authorization", "Cookie"])
     forward_body: bool = False
-    max_body: int | None = None
+    max_body: int | None = Field(None, ge=1, le=MAX_FORWARD_BODY)
     response_headers: list[str] = Field(default_factory=list)
     identity: IdentityOptions = IdentityOptions()
     cache_ttl: float = Field(0, ge=0, le=86400)
@@ -163,10 +164,14 @@ class _Settings:
         if opts.ca_file is not None and not self.https:
             raise ConfigError("ca_file", "only used with an https:// address")
         self.ssl_context = _tls_context(opts.ca_file) if self.https else None
-        if opts.forward_body:
-            raise ConfigError("forward_body", FORWARD_BODY_UNSUPPORTED)
-        if opts.max_body is not None:
-            raise ConfigError("max_body", "only used with forward_body, which is not supported yet")
+        if opts.max_body is not None and not opts.forward_body:
+            raise ConfigError("max_body", "only used with forward_body: true")
+        if opts.forward_body and opts.cache_ttl:
+            raise ConfigError(
+                "cache_ttl", "must be 0 with forward_body: a decision may read the body"
+            )
+        self.forward_body = opts.forward_body
+        self.max_body = (opts.max_body or DEFAULT_FORWARD_BODY) if opts.forward_body else 0
         self.request_headers = _names(
             opts.request_headers, "request_headers", _NOT_REQUEST_HEADERS, "the gateway sets it"
         )
@@ -278,12 +283,9 @@ def request_target(head: Any) -> bytes:
 
 
 def forwarded_proto(conn: Any) -> str:
-    """http or https for the client's connection: the connection's own `proto` when it has
-    one, else https when it runs over TLS."""
+    """http or https: the scheme of the client's entrypoint."""
     proto = getattr(conn, "proto", None)
-    if isinstance(proto, bytes) and proto in (b"http", b"https"):
-        return proto.decode()
-    return "https" if getattr(conn, "tls_version", None) else "http"
+    return proto if proto in ("http", "https") else "http"
 
 
 def outgoing_headers(ctx: RequestContext, names: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -385,6 +387,8 @@ class ForwardAuth:
         owned = [*self.common.strip_request_headers]
         owned += [h.lower().encode("latin-1") for h in s.response_headers]
         self.strip_request_headers: tuple[bytes, ...] = tuple(dict.fromkeys(owned))
+        # forward_body: the relay reads bodies whole (up to this size) before the chain runs.
+        self.request_body_limit = s.max_body
         self.client = HttpClient(
             ssl_context=s.ssl_context,
             max_idle_per_host=MAX_IDLE,
@@ -452,9 +456,17 @@ class ForwardAuth:
     async def _ask(self, ctx: RequestContext, key: bytes | None) -> LocalReply | None:
         method = ctx.head.method.decode("latin-1")
         headers = outgoing_headers(ctx, self.settings.request_headers)
+        body = b""
+        if self.settings.forward_body:
+            body = getattr(ctx.conn, "request_body", None) or b""
+            content_type = ctx.head.get(b"content-type")
+            if content_type is not None and not any(
+                k.lower() == "content-type" for k, _ in headers
+            ):
+                headers.append(("Content-Type", content_type.decode("latin-1")))
         self.calls += 1
         try:
-            resp = await self._exchange(method, headers)
+            resp = await self._exchange(method, headers, body)
         except HttpClientError as exc:
             return self._fail(ctx, exc.kind, str(exc))
         except ValueError as exc:  # a header value the client refuses to send
@@ -481,19 +493,22 @@ class ForwardAuth:
             self._remember(key, resp, None, reply)
         return self.common.refuse(ctx, _deny_reason(resp.status), reply)
 
-    async def _exchange(self, method: str, headers: list[tuple[str, str]]) -> HttpResponse:
+    async def _exchange(
+        self, method: str, headers: list[tuple[str, str]], body: bytes = b""
+    ) -> HttpResponse:
         """One auth request, retried once on a "connect" failure while time is left."""
         timeout = self.settings.timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         address = self.settings.address
+        request = self.client.request
         try:
-            return await self.client.request(method, address, headers=headers, timeout=timeout)
+            return await request(method, address, headers=headers, body=body, timeout=timeout)
         except HttpClientError as exc:
             left = deadline - loop.time()
             if exc.kind != "connect" or left < RETRY_MIN:
                 raise
-        return await self.client.request(method, address, headers=headers, timeout=left)
+        return await request(method, address, headers=headers, body=body, timeout=left)
 
     def _identity(self, resp: HttpResponse) -> Identity:
         s = self.settings

@@ -14,12 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Client, Gateway, Origin, assert_error, base_config, free_port, get
+from conftest import (
+    Client,
+    Gateway,
+    Origin,
+    assert_error,
+    base_config,
+    build_request,
+    chunk_encode,
+    free_port,
+    get,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for the service
 from forward_auth_service import CHALLENGE, AuthService, running_service
 
 TIMEOUT = 1.0
+BODY_LIMIT = 4096
 IDENTITY = {"subject_header": "X-Auth-User", "groups_header": "X-Auth-Groups"}
 
 
@@ -47,6 +58,7 @@ def gw(
         "fa": common,
         "cached": {**common, "cache_ttl": 30, "cache_key": ["Authorization"]},
         "down": {**common, "address": f"http://127.0.0.1:{free_port()}/verify"},
+        "body": {**common, "forward_body": True, "max_body": BODY_LIMIT},
     }
     routes = [
         {"name": n, "match": {"hosts": [f"{n}.test"]}, "service": "origin", "middlewares": [n]}
@@ -177,3 +189,64 @@ def test_cache(gw: Gateway, auth: AuthService, token: str, status: int, calls: i
             if status == 200:
                 assert ("x-auth-user", "alice") in origin_headers(resp)
     assert auth.count - before == calls
+
+
+# ---- forward_body: the route reads the body first; both the auth service and the origin
+# get it byte for byte ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        pytest.param("length", id="Content-Length"),
+        pytest.param("chunked", id="chunked, decoded for the auth service"),
+        pytest.param("continue", id="Expect: 100-continue answered by the gateway"),
+    ],
+)
+def test_forward_body_reaches_auth_service_and_origin(
+    gw: Gateway, auth: AuthService, framing: str
+) -> None:
+    body = bytes(range(256)) * 10  # 2,560 bytes, every byte value
+    headers = {**bearer("echo"), "Content-Type": "application/octet-stream"}
+    with Client(gw.addr) as c:
+        if framing == "chunked":
+            headers["Transfer-Encoding"] = "chunked"
+            resp = c.request("POST", "/echo", headers=headers, body=chunk_encode(body, (7, 300)),
+                             host="body.test")  # fmt: skip
+        elif framing == "continue":
+            headers.update({"Expect": "100-continue", "Content-Length": str(len(body))})
+            c.send(build_request("POST", "/echo", headers, b"", "body.test"))
+            interim = c.read_response(interim=True)
+            assert interim.status == 100
+            c.send(body)
+            resp = c.read_response()
+            while resp.status == 100:  # the origin's own interim answer may follow
+                resp = c.read_response()
+        else:
+            resp = c.request("POST", "/echo", headers=headers, body=body, host="body.test")
+        assert resp.status == 200, resp.body
+        assert resp.body == body  # the origin got it whole
+        seen = auth.last
+        assert seen.body == body and seen.header("content-type") == "application/octet-stream"
+        # The connection stays usable after a buffered body.
+        again = c.request("GET", "/headers", headers=bearer("good"), host="body.test")
+        assert again.status == 200
+
+
+def test_forward_body_over_the_limit_is_413(gw: Gateway, auth: AuthService) -> None:
+    before = len(auth.requests)
+    with Client(gw.addr) as c:
+        resp = c.request("POST", "/echo", headers=bearer("echo"), body=b"x" * (BODY_LIMIT + 1),
+                         host="body.test")  # fmt: skip
+    assert_error(resp, 413)
+    assert len(auth.requests) == before  # never asked
+
+
+def test_forward_body_refusal_keeps_the_connection(gw: Gateway, auth: AuthService) -> None:
+    with Client(gw.addr) as c:
+        resp = c.request("POST", "/echo", headers=bearer("bad"), body=b"secret payload",
+                         host="body.test")  # fmt: skip
+        assert resp.status == 401 and resp.body == b"token rejected by the auth service\n"
+        assert auth.last.body == b"secret payload"
+        again = c.request("GET", "/headers", headers=bearer("good"), host="body.test")
+        assert again.status == 200  # the body was read: no need to close

@@ -136,3 +136,12 @@ def test_identity_forwarded_and_forged_copies_stripped(gw: Gateway) -> None:
     # A refused request never reaches the origin, forged headers or not.
     bad = get(gw.addr, "/headers", host="fw.test", headers=forged)
     assert_error(bad, 401)
+
+
+def test_head_refusal_has_no_body(gw: Gateway) -> None:
+    with Client(gw.addr) as c:
+        resp = c.request("HEAD", "/headers", host="hs.test")
+        assert resp.status == 401 and resp.body == b""
+        assert int(resp.header("content-length") or 0) > 0
+        again = c.request("GET", "/headers", host="hs.test")  # the stream is still in step
+        assert_error(again, 401)

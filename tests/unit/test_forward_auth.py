@@ -41,9 +41,11 @@ class Conn:
     client_ip = "192.0.2.7"
     request_id = b"f" * 32
 
-    def __init__(self, tls_version: str | None = None) -> None:
+    def __init__(self, tls_version: str | None = None, request_body: bytes | None = None) -> None:
         self.upstream: list[bytes] = []
         self.tls_version = tls_version
+        self.proto = "https" if tls_version else "http"
+        self.request_body = request_body
 
     def add_upstream_headers(self, lines: bytes) -> None:
         self.upstream.append(lines)
@@ -140,8 +142,22 @@ def closed_port() -> int:
         pytest.param({"ca_file": "/etc/hostname"}, "ca_file", "PEM", id="ca not PEM"),
         pytest.param({"timeout": 0}, "timeout", "greater", id="zero timeout"),
         pytest.param({"timeout": "2"}, "timeout", "number", id="timeout as text"),
-        pytest.param({"forward_body": True}, "forward_body", "not supported yet", id="body"),
         pytest.param({"max_body": 1024}, "max_body", "forward_body", id="max_body alone"),
+        pytest.param(
+            {"forward_body": True, "max_body": 0}, "max_body", "greater", id="max_body zero"
+        ),
+        pytest.param(
+            {"forward_body": True, "max_body": (16 << 20) + 1},
+            "max_body",
+            "less",
+            id="max_body over 16 MiB",
+        ),
+        pytest.param(
+            {"forward_body": True, "cache_ttl": 5, "cache_key": ["Authorization"]},
+            "cache_ttl",
+            "forward_body",
+            id="body decisions are not cached",
+        ),
         pytest.param(
             {"request_headers": ["Authorization", "Bad Name"]},
             "request_headers[1]",
@@ -718,3 +734,17 @@ def test_relayed_reply_drops_hop_by_hop_and_framing() -> None:
     )
     wire = json_reply.encode(b"r" * 32, False)
     assert json.loads(wire.split(b"\r\n\r\n", 1)[1]) == {"error": "no", "request_id": "r" * 32}
+
+
+@pytest.mark.parametrize(
+    "options, limit",
+    [
+        pytest.param({}, 0, id="bodies stay streamed"),
+        pytest.param({"forward_body": True}, 64 << 10, id="default limit"),
+        pytest.param({"forward_body": True, "max_body": 100}, 100, id="configured limit"),
+    ],
+)
+def test_request_body_limit(options: dict[str, Any], limit: int) -> None:
+    """What the route reads whole before the chain runs (Route.buffer_body)."""
+    mw = ForwardAuth({"address": "http://127.0.0.1:9/v", "allow_plaintext": True, **options}, "f")
+    assert mw.request_body_limit == limit

@@ -48,3 +48,12 @@ def test_identity_claims() -> None:
     assert "read" in ident.scopes
     with pytest.raises(AttributeError):
         ident.subject = "mallory"  # type: ignore[misc]
+
+
+def test_head_reply_has_length_but_no_body() -> None:
+    reply = LocalReply.error(401, "no", WWW_Authenticate="Bearer")
+    full = reply.encode(b"rid", close=False)
+    head_only = reply.encode(b"rid", close=False, head_only=True)
+    assert full.startswith(head_only) and head_only.endswith(b"\r\n\r\n")
+    body = full[len(head_only) :]
+    assert body and f"Content-Length: {len(body)}".encode() in head_only
