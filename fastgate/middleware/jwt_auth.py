@@ -6,6 +6,8 @@
         algorithms: [RS256]
         public_key_file: /etc/fastgate/issuer.pem   # or public_key: <PEM text>
         # secret: ${JWT_SECRET}                      # for HS256/384/512 (at least 32 bytes)
+        # jwks_url: https://id.example.com/.well-known/jwks.json
+        # issuer_discovery: true                     # {issuer}/.well-known/openid-configuration
         issuer: https://id.example.com
         audience: api
         leeway: 30                                   # seconds, for exp / nbf / iat
@@ -15,14 +17,24 @@
         roles_claim: realm_access.roles              # dotted paths reach nested claims
         forward_claims: [email, tenant]
 
-Scope for now: one static key from the config. JWKS URLs and OIDC discovery come later.
+Exactly one key source: `secret`, `public_key`, `public_key_file` (one static key), or
+`jwks_url` / `issuer_discovery` (a key set fetched and refreshed by fastgate.auth.jwks, whose
+docstring has its rules; options jwks_ca_file, allow_insecure_jwks_http, jwks_refresh,
+jwks_min_refresh, jwks_timeout).
 
 Security rules this file obeys:
 - The accepted algorithms come from the config only. PyJWT's `algorithms=` refuses a token
-  whose header `alg` is not in that list (`none` can never be configured), and the header is
-  never read to choose a key. HS* and asymmetric algorithms cannot be mixed in one middleware:
-  that is what stops RS->HS key confusion (a public key used as an HMAC secret).
-- `jku`, `x5u`, `jwk` and `kid` headers are ignored; nothing is ever fetched.
+  whose header `alg` is not in that list (`none` can never be configured), and `alg` is never
+  read to choose a key. HS* and asymmetric algorithms cannot be mixed in one middleware:
+  that is what stops RS->HS key confusion (a public key used as an HMAC secret); HS* can
+  never use a JWKS.
+- With a static key the `kid` header is ignored. With a key set, `kid` (and only `kid`) is
+  read from the unverified header to select the key; `jku`, `x5u`, `jwk` and `x5c` are
+  always ignored: nothing a token says is ever fetched.
+- With a key set, a token whose kid is unknown is refused ("unknown key") after at most one
+  fetch per jwks_min_refresh; until a first key set arrives, requests with a token wait for
+  it (at most jwks_timeout) and get 503 "keys unavailable" (Retry-After: 1) if it fails:
+  fail closed. A new key set flushes the verification cache below.
 - exp / nbf / iat are checked with `leeway`; iss / aud when configured (a token carrying an
   `aud` is refused when no audience is configured, as RFC 7519 §4.1.3 asks).
 - A failure answers 401 with a `WWW-Authenticate: Bearer` challenge (RFC 6750 §3); the
@@ -33,13 +45,16 @@ the identity and its upstream header lines, so a client repeating its token cost
 lookup. The dict is keyed by the token bytes themselves: a dict compares the whole key on a
 hash match, so a hit is exact, and it saves the SHA-256 of every request (about 1 µs here, 6%
 of a proxied request's CPU). Memory stays bounded by cache_size x max_token_bytes. The cache
-belongs to the instance: a config reload builds a new one, empty.
+belongs to the instance: a config reload builds a new one, empty. A cached token (or one whose
+kid is known) is answered synchronously; a coroutine is returned only to await a key fetch.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
@@ -49,6 +64,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from fastgate.auth.common import COMMON_OPTIONS, AuthCommon
+from fastgate.auth.jwks import JwksSettings, KeyManager, check_url, key_shapes, token_kid
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
 from fastgate.middleware.registry import register
@@ -75,6 +91,13 @@ _OPTIONS = (
             "secret",
             "public_key",
             "public_key_file",
+            "jwks_url",
+            "issuer_discovery",
+            "jwks_ca_file",
+            "allow_insecure_jwks_http",
+            "jwks_refresh",
+            "jwks_min_refresh",
+            "jwks_timeout",
             "issuer",
             "audience",
             "leeway",
@@ -91,6 +114,15 @@ _OPTIONS = (
     )
     | COMMON_OPTIONS
 )
+_KEY_SOURCES = ("secret", "public_key", "public_key_file", "jwks_url", "issuer_discovery")
+_JWKS_SOURCES = ("jwks_url", "issuer_discovery")
+_JWKS_TUNING = (
+    "jwks_ca_file",
+    "allow_insecure_jwks_http",
+    "jwks_refresh",
+    "jwks_min_refresh",
+    "jwks_timeout",
+)
 
 # PyJWT error -> the fixed error_description we send (never anything from the token).
 _DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
@@ -101,6 +133,7 @@ _DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidIssuedAtError, "bad iat claim"),
     (jwt.InvalidAlgorithmError, "algorithm not allowed"),
     (jwt.InvalidSignatureError, "bad signature"),
+    (jwt.InvalidKeyError, "unusable key"),
     (jwt.DecodeError, "malformed token"),
 )
 
@@ -116,8 +149,9 @@ class _Options:
         if unknown:
             raise ConfigError(self.path(unknown[0]), "unknown option")
         self.algorithms = self._algorithms(options.get("algorithms"))
-        self.key = self._key(options)
         self.issuer = self._names(options, "issuer", allow_one=True, default=None)
+        self.jwks: JwksSettings | None = None
+        self.key = self._key(options)
         audience = self._names(options, "audience", allow_one=True, default=None)
         self.audience = audience
         self.leeway = self._number(options, "leeway", 30, minimum=0)
@@ -156,7 +190,21 @@ class _Options:
         return list(dict.fromkeys(value))
 
     def _key(self, options: dict[str, Any]) -> Any:
-        given = [k for k in ("secret", "public_key", "public_key_file") if k in options]
+        """The static key (or None with a key set, then in `self.jwks`)."""
+        discovery = options.get("issuer_discovery", False)
+        if not isinstance(discovery, bool):
+            raise ConfigError(self.path("issuer_discovery"), "expected true or false")
+        given = [k for k in _KEY_SOURCES if k in options and options[k] is not False]
+        jwks = [k for k in given if k in _JWKS_SOURCES]
+        if jwks and self.algorithms[0] in HMAC_ALGORITHMS:
+            raise ConfigError(
+                self.path(jwks[0]),
+                "HS* algorithms can never use a JWKS (a shared secret is never published)",
+            )
+        if not jwks:
+            for option in _JWKS_TUNING:
+                if option in options:
+                    raise ConfigError(self.path(option), "only with jwks_url or issuer_discovery")
         if self.algorithms[0] in HMAC_ALGORITHMS:
             if given != ["secret"]:
                 raise ConfigError(self.path("secret"), "HS* algorithms need `secret` (only)")
@@ -174,9 +222,13 @@ class _Options:
         if len(given) != 1 or given[0] == "secret":
             raise ConfigError(
                 self.path("public_key"),
-                "asymmetric algorithms need exactly one of public_key or public_key_file",
+                "asymmetric algorithms need exactly one of public_key, public_key_file, "
+                "jwks_url or issuer_discovery",
             )
         option = given[0]
+        if option in _JWKS_SOURCES:
+            self.jwks = self._jwks(options, option)
+            return None
         value = options[option]
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(self.path(option), "expected text")
@@ -195,6 +247,65 @@ class _Options:
                     self.path(option), f"a {type(key).__name__} cannot verify {alg} tokens"
                 )
         return key
+
+    def _jwks(self, options: dict[str, Any], source: str) -> JwksSettings:
+        try:
+            key_shapes(self.algorithms)
+        except ValueError as exc:
+            raise ConfigError(self.path("algorithms"), str(exc)) from None
+        allow_http = options.get("allow_insecure_jwks_http", False)
+        if not isinstance(allow_http, bool):
+            raise ConfigError(self.path("allow_insecure_jwks_http"), "expected true or false")
+        if source == "jwks_url":
+            url, issuer = options["jwks_url"], None
+            why = check_url(url, allow_http)
+        else:
+            url, issuer = None, self.issuer
+            if not isinstance(issuer, str):
+                raise ConfigError(
+                    self.path("issuer"), "issuer_discovery needs one `issuer` (its URL)"
+                )
+            why = check_url(issuer, allow_http)
+            source = "issuer"
+        if why is not None:
+            raise ConfigError(self.path(source), why)
+        min_refresh = self._number(options, "jwks_min_refresh", 10, minimum=1)
+        refresh = self._number(options, "jwks_refresh", 300, minimum=1)
+        if refresh < min_refresh or refresh > 86400:
+            raise ConfigError(
+                self.path("jwks_refresh"), "expected jwks_min_refresh <= jwks_refresh <= 86400"
+            )
+        timeout = self._number(options, "jwks_timeout", 5, minimum=0.1)
+        if timeout > 60:
+            raise ConfigError(self.path("jwks_timeout"), "expected at most 60 seconds")
+        return JwksSettings(
+            algorithms=tuple(self.algorithms),
+            jwks_url=url,
+            discovery_issuer=issuer,
+            ssl_context=self._ca_context(options.get("jwks_ca_file"), url or issuer),
+            ca_file=options.get("jwks_ca_file"),
+            allow_http=allow_http,
+            refresh=float(refresh),
+            min_refresh=float(min_refresh),
+            timeout=float(timeout),
+        )
+
+    def _ca_context(self, ca_file: Any, url: str) -> ssl.SSLContext | None:
+        """Verified TLS trusting only `ca_file` (None: the client's system trust store).
+        Built once with the config (as public_key_file is read), never per fetch."""
+        if ca_file is None:
+            return None
+        at = self.path("jwks_ca_file")
+        if not isinstance(ca_file, str) or not ca_file:
+            raise ConfigError(at, "expected the path of a PEM CA bundle")
+        if not url.lower().startswith("https:"):
+            raise ConfigError(at, "only for an https URL")
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except (ssl.SSLError, ValueError):
+            raise ConfigError(at, "not a PEM CA bundle") from None
+        except OSError as exc:
+            raise ConfigError(at, f"cannot read: {exc.strerror}") from None
 
     def _names(
         self, options: dict[str, Any], option: str, *, allow_one: bool = False, default: Any
@@ -252,10 +363,15 @@ class JwtAuth:
         self._cache: OrderedDict[bytes, tuple[float, Identity, bytes]] = OrderedDict()
         self.clock = time.time
         self.verified = 0  # tokens verified with the key (cache misses that got that far)
+        # With a key set: a new set flushes the cache (its clear method is all the manager
+        # holds of this instance, so the manager's task never keeps the middleware alive).
+        self.keys: KeyManager | None = None
+        if opts.jwks is not None:
+            self.keys = KeyManager(opts.jwks, name, on_rotate=self._cache.clear)
 
     # ---- per request --------------------------------------------------------------------------
 
-    def on_request(self, ctx: RequestContext) -> LocalReply | None:
+    def on_request(self, ctx: RequestContext) -> LocalReply | Awaitable[Any] | None:
         common = self.common
         if common.skip(ctx):
             return None
@@ -269,9 +385,16 @@ class JwtAuth:
             self._cache.move_to_end(token)
             common.admit(ctx, hit[1], hit[2])
             return None
+        if self.keys is not None:
+            return self._with_key_set(ctx, token)
+        return self._check(ctx, token, (self.options.key,))
+
+    def _check(self, ctx: RequestContext, token: bytes, keys: tuple[Any, ...]) -> LocalReply | None:
+        """Verify `token` with `keys` (the first that verifies), then admit or refuse."""
+        common = self.common
         try:
-            claims = self._verify(token)
-        except jwt.InvalidTokenError as exc:
+            claims = self._verify(token, keys)
+        except (jwt.InvalidTokenError, jwt.InvalidKeyError) as exc:
             return self._refuse(ctx, _describe(exc))
         identity = self._identity(claims)
         lines = common.forward_lines(identity)
@@ -305,18 +428,56 @@ class JwtAuth:
                 return value.encode("latin-1")
         return None
 
-    def _verify(self, token: bytes) -> dict[str, Any]:
+    def _with_key_set(self, ctx: RequestContext, token: bytes) -> Any:
+        """Select the key by the token's kid: verify now when it is known, else await a fetch
+        (a coroutine) when one may bring it, else refuse."""
+        try:
+            kid = token_kid(token)
+        except jwt.InvalidTokenError:
+            return self._refuse(ctx, "malformed token")
+        manager = self.keys
+        assert manager is not None
+        keys = manager.find(kid)
+        if keys is not None:
+            return self._check(ctx, token, keys)
+        if manager.must_wait(kid):
+            return self._after_fetch(ctx, token, kid)
+        return self._no_key(ctx)
+
+    async def _after_fetch(self, ctx: RequestContext, token: bytes, kid: str | None) -> Any:
+        assert self.keys is not None
+        keys = await self.keys.refresh_for(kid)
+        if keys is None:
+            return self._no_key(ctx)
+        return self._check(ctx, token, keys)
+
+    def _no_key(self, ctx: RequestContext) -> LocalReply:
+        assert self.keys is not None
+        if not self.keys.ready:
+            reply = LocalReply.error(503, "keys unavailable", Retry_After="1")
+            return self.common.refuse(ctx, "keys unavailable", reply)
+        return self._refuse(ctx, "unknown key")
+
+    def _verify(self, token: bytes, keys: tuple[Any, ...]) -> dict[str, Any]:
         opts = self.options
         self.verified += 1
-        return jwt.decode(
-            token,
-            opts.key,
-            algorithms=opts.algorithms,
-            audience=opts.audience,
-            issuer=opts.issuer,
-            leeway=opts.leeway,
-            options=self._decode_options,
-        )
+        last = len(keys) - 1
+        for i, key in enumerate(keys):
+            try:
+                return jwt.decode(
+                    token,
+                    key,
+                    algorithms=opts.algorithms,
+                    audience=opts.audience,
+                    issuer=opts.issuer,
+                    leeway=opts.leeway,
+                    options=self._decode_options,
+                )
+            except jwt.InvalidSignatureError:
+                # Several published keys may share a kid: try the next one, if any.
+                if i == last:
+                    raise
+        raise jwt.InvalidSignatureError("no key")
 
     def _identity(self, claims: dict[str, Any]) -> Identity:
         opts = self.options
@@ -367,11 +528,19 @@ class JwtAuth:
     # ---- operations ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "cached": len(self._cache),
             "verified": self.verified,
             "failures": dict(self.common.failures),
         }
+        if self.keys is not None:
+            out["jwks"] = self.keys.stats()
+        return out
+
+    def close(self) -> None:
+        """Retired by a reload: stop the key set's background refresh."""
+        if self.keys is not None:
+            self.keys.close()
 
 
 def _describe(exc: Exception) -> str:

@@ -528,10 +528,16 @@ def test_failures_are_not_cached(decode_calls: list[int]) -> None:
             id="bad claim path",
         ),
         pytest.param(
-            {"algorithms": ["HS256"], "secret": SECRET, "jwks_url": "http://x"},
-            "jwks_url",
+            {"algorithms": ["HS256"], "secret": SECRET, "jwks_uri": "http://x"},
+            "jwks_uri",
             "unknown option",
             id="unknown option",
+        ),
+        pytest.param(
+            {"algorithms": ["HS256"], "secret": SECRET, "jwks_url": "https://x/keys"},
+            "jwks_url",
+            "never use a JWKS",
+            id="HS256 with a JWKS URL refused",
         ),
     ],
 )
@@ -553,3 +559,9 @@ def test_public_key_file(tmp_path: Any) -> None:
 def test_registered_by_type() -> None:
     mw = build("auth", "jwt_auth", {"algorithms": ["HS256"], "secret": SECRET})
     assert isinstance(mw, JwtAuth) and mw.type == "jwt_auth"
+
+
+def test_static_key_ignores_kid() -> None:
+    # Only a key set selects by kid; with one configured key any kid is irrelevant.
+    ctx = request(token("RS256", headers={"kid": "whatever"}))
+    assert middleware("RS256").on_request(ctx) is None and ctx.identity is not None
