@@ -108,6 +108,8 @@ cdef class Route:
     cdef readonly bytes extra_headers      # preformatted request header lines
     cdef readonly tuple strip_headers      # lowercase names never passed upstream; None = none
     cdef readonly long long buffer_body    # >0: read bodies up to this size before the chain
+    cdef readonly bytes response_headers   # lines added to every response on this route
+    cdef readonly tuple response_strip     # lowercase names dropped from responses; None = none
 
 cdef class UpstreamCore:
     cdef object transport

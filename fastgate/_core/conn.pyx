@@ -287,7 +287,8 @@ cdef class CoreCheck:
 
 cdef class Route:
     def __init__(self, str name, Service service, tuple chain=(), bytes extra_headers=None,
-                 tuple checks=(), strip_headers=(), long long buffer_body=0):
+                 tuple checks=(), strip_headers=(), long long buffer_body=0,
+                 bytes response_headers=None, response_strip=()):
         for c in checks:
             if not isinstance(c, CoreCheck):
                 raise TypeError(f"route {name!r}: {c!r} is not a CoreCheck")
@@ -308,6 +309,14 @@ cdef class Route:
         if buffer_body < 0:
             raise ValueError(f"route {name!r}: buffer_body must be >= 0")
         self.buffer_body = buffer_body
+        # Response headers the route's middlewares own (HSTS, security headers): the
+        # service's own copies are dropped and these lines sent instead.
+        self.response_headers = response_headers or None
+        names = tuple(dict.fromkeys(n.lower() for n in response_strip))
+        for n in names:
+            if not isinstance(n, bytes) or not n:
+                raise TypeError(f"route {name!r}: response_strip must be non-empty bytes")
+        self.response_strip = names or None
 
 
 cdef class UpstreamCore:
@@ -939,10 +948,13 @@ cdef class ConnCore:
             done = True
         if tail <= TAIL_COPY_MAX:
             out = build_response_head(rh, close, self.head.version == 10 and not close, False,
-                                      p + pos, tail)
+                                      p + pos, tail, self.route.response_headers,
+                                      self.route.response_strip)
             self._write(out)
         else:
-            self._write(build_response_head(rh, close, False, False, NULL, 0))
+            self._write(build_response_head(rh, close, self.head.version == 10 and not close,
+                                            False, NULL, 0, self.route.response_headers,
+                                            self.route.response_strip))
             self._write(PyBytes_FromStringAndSize(p + pos, tail))
         pos += tail
         if done:

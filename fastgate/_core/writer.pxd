@@ -21,9 +21,11 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
 # Client response head: status line as sent, hop-by-hop headers dropped (kept for a 101
 # upgrade), `Connection: close` when `close`, `Connection: keep-alive` for an HTTP/1.0 client
 # kept alive; `tail` bytes (the start of the body) appended so head and a small body leave in
-# one write.
+# one write. Headers named in `strip` (lowercase) are dropped and `extra` lines added: what the
+# route's middlewares set on responses (security headers).
 cdef bytes build_response_head(ResponseHead h, bint close, bint keep_alive_10, bint upgrade,
-                               const char *tail, Py_ssize_t tail_len)
+                               const char *tail, Py_ssize_t tail_len, bytes extra=*,
+                               tuple strip=*)
 
 # A gateway-generated reply: short JSON {"error": ..., "request_id": ...}.
 cdef bytes build_error_reply(int status, str message, bytes request_id, bint close,

@@ -224,14 +224,16 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
 
 
 cdef bytes build_response_head(ResponseHead h, bint close, bint keep_alive_10, bint upgrade,
-                               const char *tail, Py_ssize_t tail_len):
+                               const char *tail, Py_ssize_t tail_len, bytes extra=None,
+                               tuple strip=None):
     cdef const char *raw = PyBytes_AS_STRING(h.raw)
     cdef Py_ssize_t i
     cdef uint32_t *off
     cdef char *o
     cdef char *start
     cdef PyObject *tmp
-    cdef Py_ssize_t cap = PyBytes_GET_SIZE(h.raw) + 128 + tail_len
+    cdef Py_ssize_t cap = (PyBytes_GET_SIZE(h.raw) + 128 + tail_len
+                           + (PyBytes_GET_SIZE(extra) if extra is not None else 0))
     cdef bint normalize
 
     tmp = new_bytes(NULL, cap)
@@ -246,12 +248,16 @@ cdef bytes build_response_head(ResponseHead h, bint close, bint keep_alive_10, b
         if normalize and (h.flags[i] & HF_FRAMING):
             continue
         off = h.offs + 4 * i
+        if strip is not None and is_stripped(raw, off, strip):
+            continue
         o = put(o, raw + off[0], off[1] - off[0])
         o = put(o, ": ", 2)
         o = put(o, raw + off[2], off[3] - off[2])
         o = put(o, "\r\n", 2)
     if normalize:
         o = put_framing(o, h)
+    if extra is not None:
+        o = put_bytes(o, extra)
     if not upgrade:
         if close:
             o = put(o, "Connection: close\r\n", 19)
@@ -331,10 +337,10 @@ def _build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
 
 
 def _build_response_head(ResponseHead h, bint close=False, bint keep_alive_10=False,
-                         bint upgrade=False, bytes tail=b""):
+                         bint upgrade=False, bytes tail=b"", bytes extra=None, tuple strip=None):
     """Python entry for tests: the client response head as the relay would send it."""
     return build_response_head(h, close, keep_alive_10, upgrade, PyBytes_AS_STRING(tail),
-                               PyBytes_GET_SIZE(tail))
+                               PyBytes_GET_SIZE(tail), extra, strip)
 
 
 def _build_error_reply(int status, str message, bytes request_id, bint close=True,

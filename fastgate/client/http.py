@@ -37,7 +37,6 @@ later), "protocol" (malformed or truncated response, 101 Switching Protocols), "
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import re
 import ssl
@@ -45,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from fastgate._core.body import ChunkedScanner
@@ -72,6 +71,11 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 §5.6.2
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # field-value: no CTL but HTAB (§5.5)
 _URL_CHARS = re.compile(r"[\x21-\x7e]+\Z")
 _REG_NAME = re.compile(r"[A-Za-z0-9._~-]+\Z")
+
+
+def _ignore_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class HttpClientError(Exception):
@@ -292,9 +296,10 @@ class HttpClient:
         for conn in conns:
             conn.close()
         if conns:
-            closing = [conn.writer.wait_closed() for conn in conns]
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), CLOSE_WAIT)
+            closing = [asyncio.ensure_future(conn.writer.wait_closed()) for conn in conns]
+            for task in closing:  # their errors are of no interest, even if we are cancelled
+                task.add_done_callback(_ignore_result)
+            await asyncio.wait(closing, timeout=CLOSE_WAIT)
 
     # -- pool ---------------------------------------------------------------------------------
 

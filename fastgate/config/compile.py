@@ -32,6 +32,7 @@ __all__ = [
     "check_runtime",
     "compile_runtime",
     "owned_headers",
+    "response_headers",
     "split_chain",
 ]
 
@@ -99,6 +100,18 @@ def owned_headers(chain: tuple[Any, ...]) -> tuple[bytes, ...]:
         for name in getattr(mw, "strip_request_headers", ()):
             names[name.lower()] = None
     return tuple(names)
+
+
+def response_headers(chain: tuple[Any, ...]) -> tuple[bytes | None, tuple[bytes, ...]]:
+    """(header lines, names to drop) for the route's responses: each middleware's
+    `response_header_lines` (validated `Name: value\r\n` lines, in chain order) replace the
+    service's own headers of the names in `strip_response_headers`."""
+    lines = b"".join(getattr(mw, "response_header_lines", b"") for mw in chain)
+    names: dict[bytes, None] = {}
+    for mw in chain:
+        for name in getattr(mw, "strip_response_headers", ()):
+            names[name.lower()] = None
+    return (lines or None), tuple(names)
 
 
 def _route_field(message: str) -> str:
@@ -201,6 +214,10 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
                 continue  # already reported under services / middlewares
             strip = owned_headers(chain)
             buffer_body = max((getattr(mw, "request_body_limit", 0) for mw in chain), default=0)
+            response_lines, response_strip = response_headers(chain)
+            # A middleware without on_request (security_headers) works through the route's
+            # static response headers alone: it costs nothing per request.
+            chain = tuple(mw for mw in chain if getattr(mw, "on_request", None) is not None)
             checks, chain = split_chain(route.name, chain)
             try:
                 specs.append(
@@ -212,6 +229,8 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
                             checks=checks,
                             strip_headers=strip,
                             buffer_body=buffer_body,
+                            response_headers=response_lines,
+                            response_strip=response_strip,
                         ),
                         path=route.match.path,
                         path_type=route.match.path_type,

@@ -246,3 +246,17 @@ def test_stripped_headers_and_extra_lines(strip: tuple[bytes, ...] | None, kept:
     names = (b"x-user:", b"authorization:")
     assert [line for line in lines[:-1] if line.lower().startswith(names)] == kept
     assert lines[-1] == b"X-User: alice"  # the middleware's line comes last, always
+
+
+def test_response_head_with_route_headers() -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nServer: origin/1.0\r\nX-Frame-Options: ALLOWALL\r\n"
+           b"Content-Length: 2\r\n\r\n")  # fmt: skip
+    head, _ = parse_response(raw)
+    out = _build_response_head(
+        head, extra=b"X-Frame-Options: DENY\r\n", strip=(b"x-frame-options", b"server")
+    )
+    lines = out[:-4].split(b"\r\n")
+    assert lines == [b"HTTP/1.1 200 OK", b"Content-Length: 2", b"X-Frame-Options: DENY"]
+    # Without a route's headers the head is as before.
+    plain = _build_response_head(head)
+    assert b"Server: origin/1.0" in plain and b"ALLOWALL" in plain
