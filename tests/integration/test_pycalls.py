@@ -1,7 +1,8 @@
 """The hot path's Python-call budget (DESIGN.md §2), counted with sys.setprofile.
 
 A count, not a timing: a plain route must run no Python per request, and a route with one
-middleware only the dispatch, the context and the middleware itself.
+middleware only the dispatch, the context and the middleware itself; a cached JWT adds the
+token extraction and the identity hand-over (about 6 calls in all).
 """
 
 import os
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_python_calls_per_request_stay_within_budget() -> None:
     result = subprocess.run(
-        [sys.executable, "benchmarks/pycalls.py", "--requests", "300", "--budget", "0.2", "3.2"],
+        [sys.executable, "benchmarks/pycalls.py", "--requests", "300", "--budget", "0.2", "3.2", "7.5"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -23,4 +24,4 @@ def test_python_calls_per_request_stay_within_budget() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "plain route" in result.stdout
+    assert "plain route" in result.stdout and "jwt_auth (cached)" in result.stdout
