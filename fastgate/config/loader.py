@@ -138,7 +138,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
 )
 
 # Read elsewhere, not configuration values: known, so not warned about.
-OTHER_ENV_VARS = frozenset({"FASTGATE_CONFIG", "FASTGATE_DEBUG"})
+OTHER_ENV_VARS = frozenset({"FASTGATE_CONFIG", "FASTGATE_DEBUG", "FASTGATE_DATA_DIR"})
 
 _BY_NAME = {v.name: v for v in ENV_VARS if "<" not in v.name}
 _ENTRYPOINT_VAR = re.compile(r"^FASTGATE_ENTRYPOINT_(.+)_ADDRESS$")
