@@ -319,6 +319,62 @@ def test_certificate_reload(
         before.close()
 
 
+def test_certificate_reload_under_load(
+    origin: Origin, start_gateway: Callable[[dict[str, Any]], Gateway], tmp_path: Path
+) -> None:
+    """Two clients keep making requests (one kept alive, one with a new handshake each
+    time) while the certificate is renewed three times: every request succeeds, and the new
+    handshakes end up on the last certificate."""
+    import threading
+
+    live = tmp_path / "live"
+    live.mkdir()
+    pair = _write(live, "site", A_CERT)
+    config = base_config(
+        origin.port,
+        entrypoints={"websecure": {"address": _port(), "tls": {"certificates": [pair]}}},
+    )
+    gw = start_gateway(config)
+    addr = gw.address("websecure")
+    stop = threading.Event()
+    results: dict[str, list[Any]] = {"kept": [], "new": []}
+
+    def kept_alive() -> None:
+        with TlsClient(addr) as c:
+            while not stop.is_set():
+                results["kept"].append(c.request("GET", "/echo-path/k").status)
+
+    def new_each_time() -> None:
+        while not stop.is_set():
+            try:
+                with TlsClient(addr) as c:
+                    results["new"].append((c.request("GET", "/echo-path/n").status,
+                                           c.peer().serial_number))  # fmt: skip
+            except (OSError, ssl.SSLError) as exc:
+                results["new"].append((repr(exc), None))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (kept_alive, new_each_time)]
+    for t in threads:
+        t.start()
+    try:
+        last = A_CERT
+        for _ in range(3):
+            time.sleep(0.5)
+            last = SERVER_CA.issue_cert("a.test")
+            _write(live, "site", last)
+
+            def on_new(leaf: trustme.LeafCert = last) -> bool:
+                return bool(results["new"]) and results["new"][-1][1] == _serial(leaf)
+
+            assert wait_for(on_new, timeout=15)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    assert results["kept"] and set(results["kept"]) == {200}
+    assert results["new"] and {status for status, _ in results["new"]} == {200}
+
+
 def test_client_policy_change_gets_a_new_listener(
     origin: Origin, start_gateway: Callable[[dict[str, Any]], Gateway], files: Files
 ) -> None:
