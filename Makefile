@@ -8,7 +8,7 @@ BENCH_TARGETS ?= origin,nginx,haproxy,fastgate,fastgate-rl-local
 BENCH_ARGS ?=
 BENCH = $(PYTHON) benchmarks/run.py --targets $(BENCH_TARGETS)
 
-.PHONY: help build test lint bench bench-quick bench-ratelimit pycalls
+.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls pycalls
 
 .DEFAULT_GOAL := help
 
@@ -19,6 +19,7 @@ help:
 	@echo "make bench       benchmarks vs nginx and HAProxy (a few minutes; needs nginx haproxy wrk)"
 	@echo "make bench-quick one short round, to check the benchmark setup"
 	@echo "make bench-ratelimit  plain fastgate vs local, hybrid and redis rate limits"
+	@echo "make bench-tls   TLS termination vs nginx, keep-alive and a new connection per request"
 	@echo "make pycalls     Python calls per proxied request"
 
 build:
@@ -45,3 +46,8 @@ bench-quick:
 # Rate-limit overhead: plain fastgate vs the local, hybrid and redis stores (never tripping).
 bench-ratelimit:
 	$(PYTHON) benchmarks/run.py --targets fastgate,fastgate-rl-local,fastgate-rl-hybrid,fastgate-rl-redis --sizes small $(BENCH_ARGS)
+
+# TLS termination: nginx and fastgate, plain and with TLS (the same certificate), 12 B body,
+# 50 connections, keep-alive and Connection: close (a new TLS handshake per request): ~3 min.
+bench-tls:
+	$(PYTHON) benchmarks/run.py --targets nginx,fastgate,nginx-tls,fastgate-tls --sizes small --connections 50 --handshake keep-alive,close $(BENCH_ARGS)

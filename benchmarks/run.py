@@ -22,8 +22,18 @@ Method (benchmarks/README.md has the details):
   benchmarks/auth_targets.py): one auth middleware on the route, the credential sent by wrk on
   every request; a probe first shows a request without it answers 401. Reported besides: the
   req/s and CPU ratios to plain `fastgate` in the same round.
+- TLS targets (`nginx-tls`, `fastgate-tls`; benchmarks/tls_targets.py): the `nginx` and
+  `fastgate` proxies terminating TLS with the same certificate and key, made for the run;
+  wrk speaks https. A probe first shows the certificate verifies against the run's CA and
+  whether a session resumes. Reported besides: req/s and CPU ratios to the plain counterpart
+  and fastgate-tls to nginx-tls, in the same round.
+- Scenarios are `keep-alive` (wrk's connections stay open) or, with `--handshake close`,
+  `close`: wrk sends `Connection: close`, so every request pays a new TCP connection (and a
+  TLS handshake, resumed from wrk's previous session) on the target. A check first shows
+  that every target answers such a request and closes the connection.
 
-Standard library only; matplotlib, when installed, adds a PNG chart.
+Standard library only (the TLS targets' certificate is made with trustme or cryptography,
+imported when they are asked for); matplotlib, when installed, adds a PNG chart.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -55,6 +66,18 @@ from types import FrameType
 from typing import IO, Any
 
 from auth_targets import AUTH_TARGETS, auth_middleware, fastgate_cli
+from tls_targets import (
+    FASTGATE_TLS,
+    KEY_TYPE,
+    MIN_VERSION,
+    NGINX_TLS,
+    TLS_TARGETS,
+    CertificateError,
+    TlsFiles,
+    fastgate_tls_config,
+    make_certificates,
+    nginx_tls_values,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -69,7 +92,11 @@ RL_TARGETS = {
     "fastgate-rl-hybrid": "hybrid",
     "fastgate-rl-redis": "redis",
 }
-ALL_TARGETS = ("origin", "nginx", "haproxy", "fastgate", *RL_TARGETS, *AUTH_TARGETS)
+ALL_TARGETS = (
+    "origin", "nginx", "haproxy", "fastgate", *RL_TARGETS, *AUTH_TARGETS, *TLS_TARGETS
+)  # fmt: skip
+# How wrk's connections live: `keep-alive`, or `close` (a new connection per request).
+HANDSHAKES = ("keep-alive", "close")
 # Targets with a middleware on the route, compared with plain `fastgate` in the same round.
 MIDDLEWARE_TARGETS = (*RL_TARGETS, *AUTH_TARGETS)
 DEFAULT_TARGETS = ("origin", "nginx", "haproxy", "fastgate", "fastgate-rl-local")
@@ -88,6 +115,7 @@ DASH = "\u2013"  # en dash: ranges and empty cells in the markdown
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 WRK_GRACE = 30.0
+TLS_RPS_GOAL = 0.5  # the TLS issue's target: fastgate-tls >= 0.5x nginx-tls req/s, keep-alive
 NOISY_PCT = 5.0  # other processes' share of a core above which a table is flagged noisy
 
 
@@ -119,20 +147,29 @@ SMALL_BODY = b"hello world\n"
 
 @dataclass(frozen=True)
 class Scenario:
-    """A load shape: one response size, one number of keep-alive connections."""
+    """A load shape: one response size, one number of connections, and whether they stay
+    open (`keep-alive`) or each request comes on a new one (`close`)."""
 
     size: Size
     connections: int
+    handshake: str = "keep-alive"
 
     @property
     def name(self) -> str:
-        """Short name used in JSON keys and progress lines, e.g. `small c50`."""
-        return f"{self.size.key} c{self.connections}"
+        """Short name used in JSON keys and progress lines, e.g. `small c50`, and
+        `small c50 close` for a new connection per request."""
+        base = f"{self.size.key} c{self.connections}"
+        return base if self.handshake == "keep-alive" else f"{base} {self.handshake}"
 
     @property
     def title(self) -> str:
         """Heading for the markdown table."""
-        return f"{self.size.label} body · keep-alive · {self.connections} connections"
+        how = (
+            "keep-alive"
+            if self.handshake == "keep-alive"
+            else "new connection per request (`Connection: close`)"
+        )
+        return f"{self.size.label} body · {how} · {self.connections} connections"
 
 
 @dataclass
@@ -146,6 +183,25 @@ class Target:
     proxied: bool  # False for the origin measured direct: no proxy CPU to report
     redis: RedisServer | None = None  # the Redis of a hybrid or redis rate-limit target
     headers: tuple[tuple[str, str], ...] = ()  # sent on every request (an auth credential)
+    scheme: str = "http"  # "https": a TLS target
+    ca_file: Path | None = None  # the CA that signed an https target's certificate
+
+    def url(self, path: str) -> str:
+        """The URL of `path` on this target, as wrk is given it."""
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
+
+    def connection(self, timeout: float = 10) -> http.client.HTTPConnection:
+        """A (not yet connected) client connection to this target; over TLS, verifying the
+        certificate against the run's CA and the name 127.0.0.1."""
+        if self.scheme == "http":
+            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        return http.client.HTTPSConnection(
+            "127.0.0.1", self.port, timeout=timeout, context=self.client_context()
+        )
+
+    def client_context(self) -> ssl.SSLContext:
+        """A new client SSLContext that trusts only the run's CA (hostname checked)."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
 
 @dataclass
@@ -184,6 +240,7 @@ class Run:
     wrk_output: str
     # Redis targets: what the run cost Redis (`RedisServer.delta`), else None.
     redis: dict[str, Any] | None = None
+    handshake: str = "keep-alive"  # the scenario's: "keep-alive" or "close"
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,11 +501,15 @@ def fastgate_argv(template: str, port: int, origin_port: int) -> list[str]:
 
 
 def start_fastgate(procs: Processes, origin_port: int, template: str) -> Target:
-    """Start fastgate from the repository checkout, pinned to the proxy core."""
+    """Start fastgate from the repository checkout, pinned to the proxy core. Its admin
+    listener is off (FASTGATE_ADMIN_ENABLED=false unless set) as in the generated configs of
+    the other fastgate targets, so it matches them and two runs do not both want port 9901."""
     port = free_port()
     argv = fastgate_argv(template, port, origin_port)
     print(f"fastgate: {shlex.join(argv)}")
-    proc, log = procs.start("fastgate", argv, cwd=REPO, env=fastgate_env())
+    env = fastgate_env()
+    env.setdefault("FASTGATE_ADMIN_ENABLED", "false")
+    proc, log = procs.start("fastgate", argv, cwd=REPO, env=env)
     wait_for_port("fastgate", port, proc, [log], STARTUP_TIMEOUT)
     return Target("fastgate", port, proc, log, proxied=True)
 
@@ -775,11 +836,97 @@ def start_auth_target(
     return Target(name, port, proc, log, proxied=True, headers=(header,))
 
 
+def start_tls_target(
+    procs: Processes, name: str, origin_port: int, files: TlsFiles, probes: dict[str, dict]
+) -> Target:
+    """Start nginx-tls or fastgate-tls with the run's certificate; `probe_tls` it into
+    `probes`."""
+    port = free_port()
+    if name == NGINX_TLS:
+        values = nginx_tls_values(port, origin_port, files)
+        target = start_nginx(procs, name, "proxy-tls.nginx.conf", PROXY_CORE, values)
+    else:
+        config = fastgate_tls_config(port, origin_port, files)
+        proc, log, port, _ = start_rl_gateway(procs, name, config)
+        target = Target(name, port, proc, log, proxied=True)
+    target.scheme, target.ca_file = "https", files.ca_file
+    probes[name] = {**probe_tls(target), "made_with": files.made_with}
+    return target
+
+
+def get_close(
+    target: Target,
+    context: ssl.SSLContext | None = None,
+    session: ssl.SSLSession | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """GET / with `Connection: close` (and the target's headers) on a new connection, read
+    until the target closes it; over TLS, verifying the certificate against the run's CA for
+    127.0.0.1 (with `context`, else `target.client_context()`) and offering `session` (one
+    of the same context). Returns the raw reply and, over TLS, the protocol, cipher, the
+    session to offer next and whether this one was resumed. A target that keeps the
+    connection open past 10 s raises BenchError."""
+    lines = ["GET / HTTP/1.1", "Host: bench.local", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in target.headers]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    info: dict[str, Any] = {}
+    reply = b""
+    try:
+        with socket.create_connection(("127.0.0.1", target.port), timeout=10) as raw:
+            sock: socket.socket = raw
+            if target.scheme == "https":
+                context = context or target.client_context()
+                sock = context.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
+            with sock:  # the SSLSocket took over raw's descriptor
+                sock.sendall(request)
+                while chunk := sock.recv(65536):
+                    reply += chunk
+                if isinstance(sock, ssl.SSLSocket):
+                    cipher = sock.cipher()
+                    info = {
+                        "protocol": sock.version(),
+                        "cipher": cipher[0] if cipher else None,
+                        "session": sock.session,  # TLS 1.3: its ticket came with the reply
+                        "resumed": sock.session_reused,
+                    }
+    except TimeoutError as exc:
+        raise BenchError(
+            f"{target.name}: GET / with Connection: close: the connection was not closed "
+            f"within 10 s ({len(reply)} bytes read)"
+        ) from exc
+    except (OSError, ssl.SSLError) as exc:
+        raise BenchError(f"{target.name}: GET / with Connection: close: {exc!r}") from exc
+    return reply, info
+
+
+def probe_tls(target: Target) -> dict[str, Any]:
+    """Two TLS connections to `target`, one GET / each: the certificate must verify against
+    the run's CA, and the second offers the first's session, as wrk does when it reconnects.
+    Returns the protocol, cipher and whether the session was resumed."""
+    context = target.client_context()
+    reply, first = get_close(target, context)
+    if not reply.startswith(b"HTTP/1.1 200 "):
+        raise BenchError(f"{target.name}: TLS probe answered {reply[:40]!r}")
+    _, second = get_close(target, context, first["session"])
+    seen = {"protocol": first["protocol"], "cipher": first["cipher"]}
+    seen["session_resumed"] = second["resumed"]
+    resumed = "resumed" if second["resumed"] else "NOT resumed"
+    print(
+        f"check: {target.name}: {seen['protocol']} {seen['cipher']}, certificate verified, "
+        f"session {resumed} on reconnect"
+    )
+    return seen
+
+
 def start_targets(
-    procs: Processes, names: Sequence[str], fastgate_cmd: str, summaries: dict[str, list[str]]
+    procs: Processes,
+    names: Sequence[str],
+    fastgate_cmd: str,
+    summaries: dict[str, list[str]],
+    tls_probes: dict[str, dict],
 ) -> tuple[Target, dict[str, Target], dict[str, bytes]]:
     """Start the origin and every requested target; return origin, targets by name, bodies.
-    The rate-limit targets' `fastgate check` summaries go in `summaries`."""
+    The rate-limit targets' `fastgate check` summaries go in `summaries`, the TLS targets'
+    probes in `tls_probes`."""
     expected = make_www(procs.workdir / "www")
     origin_port = free_port()
     origin = start_nginx(
@@ -790,6 +937,12 @@ def start_targets(
         {"port": origin_port, "www": procs.workdir / "www"},
     )
     targets: dict[str, Target] = {}
+    tls_files = None
+    if any(name in TLS_TARGETS for name in names):
+        try:
+            tls_files = make_certificates(procs.workdir / "tls")
+        except CertificateError as exc:
+            raise BenchError(str(exc)) from exc
     for name in names:
         if name == "origin":
             targets[name] = origin
@@ -804,6 +957,8 @@ def start_targets(
             targets[name] = start_rl_target(procs, name, origin_port, summaries)
         elif name in AUTH_TARGETS:
             targets[name] = start_auth_target(procs, name, origin_port, summaries)
+        elif name in TLS_TARGETS and tls_files is not None:
+            targets[name] = start_tls_target(procs, name, origin_port, tls_files, tls_probes)
     return origin, targets, expected
 
 
@@ -813,7 +968,7 @@ def check_bodies(
     """GET every size twice on one connection through every target; bodies must match the
     origin's byte for byte, status must be 200 and the connection must stay open."""
     for target in targets:
-        conn = http.client.HTTPConnection("127.0.0.1", target.port, timeout=10)
+        conn = target.connection()
         try:
             for size in sizes:
                 for attempt in (1, 2):
@@ -839,6 +994,21 @@ def check_bodies(
             print(f"check: {target.name}: {', '.join(s.key for s in sizes)} bodies identical")
         finally:
             conn.close()
+
+
+def check_close(targets: Iterable[Target], expected: dict[str, bytes]) -> None:
+    """For the `close` scenarios: a GET / with `Connection: close` through every target must
+    answer 200 with the origin's body, and the target must then close the connection (so
+    every request of such a run really comes on a new connection)."""
+    for target in targets:
+        reply, _ = get_close(target)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200 ") or body != expected["small"]:
+            raise BenchError(
+                f"{target.name}: GET / with Connection: close answered {head[:40]!r} "
+                f"and {len(body)} body bytes"
+            )
+        print(f"check: {target.name}: Connection: close answered 200 and closed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -964,13 +1134,18 @@ def parse_wrk(output: str) -> WrkResult:
 
 
 def run_wrk(procs: Processes, target: Target, scenario: Scenario, seconds: int) -> WrkResult:
-    """One wrk run on the load core: one thread, N keep-alive connections, `seconds` long,
-    with the target's headers on every request."""
+    """One wrk run on the load core: one thread, N connections, `seconds` long, with the
+    target's headers on every request. In a `close` scenario every request says
+    `Connection: close`: wrk counts the reply and reconnects (over TLS offering the session
+    it had, which the target may resume)."""
     argv = [
         "taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{scenario.connections}",
-        f"-d{seconds}s", "--latency", f"http://127.0.0.1:{target.port}{scenario.size.path}",
+        f"-d{seconds}s", "--latency", target.url(scenario.size.path),
     ]  # fmt: skip
-    for name, value in target.headers:
+    headers = list(target.headers)
+    if scenario.handshake == "close":
+        headers.append(("Connection", "close"))
+    for name, value in headers:
         argv[-1:-1] = ["-H", f"{name}: {value}"]
     proc = procs.spawn(argv, stdout=subprocess.PIPE)
     # On Ctrl-C the exception leaves wrk registered, so `Processes.stop_all` ends it.
@@ -1046,6 +1221,7 @@ def measure(
         proxy_pids=proxy_pids,
         wrk_output=wrk.output,
         redis=redis,
+        handshake=scenario.handshake,
     )
 
 
@@ -1105,7 +1281,8 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
     """Per scenario and target: medians and min-max across rounds of the valid runs, and the
     ratios to nginx computed within each round (rounds where both runs are valid). The
     rate-limit targets also get their ratios to plain fastgate, computed the same way, and the
-    Redis ones their Redis figures per request."""
+    Redis ones their Redis figures per request; the TLS targets their ratios to their plain
+    counterpart, and fastgate-tls its ratios to nginx-tls."""
     summary: dict[str, dict[str, Any]] = {}
     for sc in scenarios:
         summary[sc.name] = {}
@@ -1129,6 +1306,19 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
                 }
             else:
                 rate_limit = None
+            tls = None
+            if name in TLS_TARGETS:
+                plain = TLS_TARGETS[name]
+                pl_rps, pl_cpu = round_ratios(runs, sc.name, name, plain)
+                tls = {
+                    "plain": plain,
+                    "rps_ratio_plain": spread(pl_rps) if plain in targets else None,
+                    "cpu_ratio_plain": spread(pl_cpu) if plain in targets else None,
+                }
+                if name == FASTGATE_TLS:
+                    ng_rps, ng_cpu = round_ratios(runs, sc.name, name, NGINX_TLS)
+                    tls["rps_ratio_nginx_tls"] = spread(ng_rps) if NGINX_TLS in targets else None
+                    tls["cpu_ratio_nginx_tls"] = spread(ng_cpu) if NGINX_TLS in targets else None
             vs_fastgate = None
             if name in MIDDLEWARE_TARGETS and FASTGATE in targets:
                 fg_rps, fg_cpu = round_ratios(runs, sc.name, name, FASTGATE)
@@ -1149,6 +1339,7 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
                 },
                 "rate_limit": rate_limit,
                 "vs_fastgate": vs_fastgate,
+                "tls": tls,
             }
     return summary
 
@@ -1204,6 +1395,20 @@ def markdown(
             "commands: all Redis ran (a script runs 3 more), round trips: data segments the "
             "gateway sent Redis (TCP_INFO; one per auto-pipelined write)"
         )
+    if tls := cfg.get("tls"):
+        lines.append(
+            f"- TLS targets: the same certificate and key for both ({tls['certificate']}), "
+            f"TLS {tls['min_version']} and up, session resumption on; the probe client "
+            f"(Python's OpenSSL) negotiated {tls['negotiated']}; on reconnect "
+            f"{tls['resumption']} the previous session, as wrk's reconnects in `close` "
+            "scenarios offer it"
+        )
+    if "close" in cfg.get("handshakes", ()):
+        lines.append(
+            "- `close` scenarios: wrk sends `Connection: close`, the target closes after each "
+            "reply and wrk reconnects; latency is from the request's write (after connect and "
+            "handshake) to the reply"
+        )
     lines.append("")
     for sc in scenarios:
         lines += [
@@ -1232,6 +1437,7 @@ def markdown(
         lines += ["", other_load_note([summary[sc.name][name] for name in targets]), ""]
         lines += rate_limit_table(summary[sc.name], targets, many)
         lines += auth_table(summary[sc.name], targets, many)
+        lines += tls_table(summary[sc.name], targets, many, sc.handshake)
     bad = [r for r in runs if not r.valid]
     if bad:
         lines += ["## Invalid runs (left out of the figures)", ""]
@@ -1306,6 +1512,46 @@ def auth_table(rows: dict[str, dict], targets: Sequence[str], many: bool) -> lis
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def tls_table(
+    rows: dict[str, dict], targets: Sequence[str], many: bool, handshake: str
+) -> list[str]:
+    """Under a scenario's table: each TLS target against its plain counterpart in the same
+    round, then fastgate-tls against nginx-tls (the issue's target: >= 0.5x on keep-alive)."""
+    names = [name for name in targets if name in TLS_TARGETS]
+    if not names:
+        return []
+    lines = [
+        "TLS termination (same certificate; ratios to the plain counterpart in the same round):",
+        "",
+        "| target | plain | req/s | req/s ratio to plain | CPU µs/req | CPU ratio to plain |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        row, tls = rows[name], rows[name]["tls"]
+        cells = [
+            name,
+            tls["plain"] if tls["plain"] in targets else f"({tls['plain']} not run)",
+            fmt_spread(row["rps"], 0, False),
+            fmt_spread(tls["rps_ratio_plain"], 2, many),
+            fmt_spread(row["cpu_us_per_req"], 1, many),
+            fmt_spread(tls["cpu_ratio_plain"], 2, many),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if FASTGATE_TLS in names and NGINX_TLS in names:
+        tls = rows[FASTGATE_TLS]["tls"]
+        rps, cpu = tls["rps_ratio_nginx_tls"], tls["cpu_ratio_nginx_tls"]
+        line = (
+            f"`{FASTGATE_TLS}` ÷ `{NGINX_TLS}` within each round: req/s "
+            f"{fmt_spread(rps, 2, many)}, CPU µs/req {fmt_spread(cpu, 2, many)}"
+        )
+        if handshake == "keep-alive" and rps:
+            verdict = "met" if rps["median"] >= TLS_RPS_GOAL else "**not met**"
+            line += f"; target ≥ {TLS_RPS_GOAL}x nginx-tls req/s on keep-alive: {verdict}"
+        lines += [line + ".", ""]
+    return lines
 
 
 def other_load_note(rows: Sequence[dict]) -> str:
@@ -1387,13 +1633,16 @@ def machine_info(targets: Sequence[str]) -> dict:
     }
     if "haproxy" in targets:
         versions["haproxy"] = command_output(["haproxy", "-v"])
-    if any(t == FASTGATE or t in MIDDLEWARE_TARGETS for t in targets):
+    if any(t in (FASTGATE, FASTGATE_TLS) or t in MIDDLEWARE_TARGETS for t in targets):
         versions["fastgate"] = command_output(
             [sys.executable, "-c", "import fastgate; print(getattr(fastgate, '__version__', '?'))"],
             cwd=REPO,
         )
     if any(RL_TARGETS.get(t, "local") != "local" for t in targets):
         versions["redis"] = command_output(["redis-server", "--version"])
+    if any(t in TLS_TARGETS for t in targets):
+        versions["openssl-python"] = ssl.OPENSSL_VERSION
+        versions["openssl-nginx"] = nginx_openssl()
     commit = command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = command_output(["git", "-C", str(REPO), "status", "--porcelain"])
     return {
@@ -1406,6 +1655,21 @@ def machine_info(targets: Sequence[str]) -> dict:
         "git_commit": commit if commit and re.fullmatch(r"[0-9a-f]+", commit) else None,
         "git_dirty": bool(dirty),
     }
+
+
+def nginx_openssl() -> str | None:
+    """The OpenSSL nginx runs with (`nginx -V`: "running with", else "built with")."""
+    try:
+        out = subprocess.run(
+            ["nginx", "-V"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = out.stdout + out.stderr
+    match = re.search(r"running with (OpenSSL [^ )]+)", text) or re.search(
+        r"built with (OpenSSL [^ )]+)", text
+    )
+    return match.group(1) if match else None
 
 
 def _short_version(line: str | None) -> str:
@@ -1434,7 +1698,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--duration", type=int, default=5, help="seconds per recorded run")
     ap.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each run")
-    ap.add_argument("--connections", default="50,200", help="keep-alive connections per scenario")
+    ap.add_argument("--connections", default="50,200", help="wrk connections per scenario")
+    ap.add_argument(
+        "--handshake",
+        default="keep-alive",
+        help="how wrk's connections live, one scenario set each: keep-alive, and/or close "
+        "(`Connection: close`: a new TCP connection, and TLS handshake, per request)",
+    )
     ap.add_argument("--sizes", default="small,16k", help=f"body sizes: {','.join(SIZES)}")
     ap.add_argument(
         "--targets",
@@ -1451,6 +1721,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.targets = csv_list(args.targets)
     args.sizes = csv_list(args.sizes)
+    args.handshake = csv_list(args.handshake)
+    if not args.handshake or [h for h in args.handshake if h not in HANDSHAKES]:
+        ap.error(f"--handshake: one or both of {','.join(HANDSHAKES)}")
+    if len(set(args.handshake)) != len(args.handshake):
+        ap.error("--handshake: no repeats")
     try:
         args.connections = [int(c) for c in csv_list(args.connections)]
     except ValueError:
@@ -1513,7 +1788,12 @@ def write_results(
 def main(argv: Sequence[str] | None = None) -> int:
     """Start everything, check bodies, run the interleaved rounds, write the reports."""
     args = parse_args(argv)
-    scenarios = [Scenario(SIZES[s], c) for s in args.sizes for c in args.connections]
+    scenarios = [
+        Scenario(SIZES[s], c, h)
+        for h in args.handshake
+        for s in args.sizes
+        for c in args.connections
+    ]
     started = dt.datetime.now(dt.timezone.utc)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -1522,15 +1802,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs = Processes(workdir)
     runs: list[Run] = []
     rl_summaries: dict[str, list[str]] = {}
+    tls_probes: dict[str, dict] = {}
     targets: dict[str, Target] = {}
     try:
         require_tools(args.targets)
         raise_fd_limit()
         machine = machine_info(args.targets)
         origin, targets, expected = start_targets(
-            procs, args.targets, args.fastgate_cmd, rl_summaries
+            procs, args.targets, args.fastgate_cmd, rl_summaries, tls_probes
         )
         check_bodies(targets.values(), [SIZES[s] for s in args.sizes], expected)
+        if "close" in args.handshake:
+            check_close(targets.values(), expected)
         total = args.rounds * len(scenarios) * len(targets)
         eta = total * (args.duration + args.warmup)
         print(f"{total} runs, about {eta // 60} min {eta % 60} s")
@@ -1561,6 +1844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration": args.duration,
         "warmup": args.warmup,
         "connections": args.connections,
+        "handshakes": args.handshake,
         "sizes": args.sizes,
         "targets": args.targets,
         "fastgate_cmd": args.fastgate_cmd if "fastgate" in args.targets else None,
@@ -1575,13 +1859,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "probe": {"rate": PROBE_RATE, "burst": PROBE_BURST},
             "fastgate_check": rl_summaries,  # `fastgate check`'s words for each target's limit
         }
+    if tls_probes:
+        config["tls"] = tls_config_note(tls_probes)
     meta = {
         "timestamp": started.isoformat(timespec="seconds"),
         "machine": machine,
         "config": config,
     }
     md = markdown(summary, runs, scenarios, args.targets, meta)
-    report = {**meta, "schema": 2, "summary": summary, "runs": [asdict(r) for r in runs]}
+    report = {**meta, "schema": 3, "summary": summary, "runs": [asdict(r) for r in runs]}
     written = write_results(
         args.out, stamp, report, md, lambda p: write_chart(summary, scenarios, args.targets, p)
     )
@@ -1591,10 +1877,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if all(r.valid for r in runs) else 1
 
 
+def tls_config_note(probes: dict[str, dict]) -> dict[str, Any]:
+    """`config.tls` of the report: the certificate, and what the probe client negotiated with
+    each TLS target and whether its session was resumed (as wrk's reconnects are)."""
+    made_with = {p["made_with"] for p in probes.values()}
+    seen = {f"{p['protocol']} {p['cipher']}" for p in probes.values()}
+    negotiated = (
+        seen.pop()
+        if len(seen) == 1
+        else ", ".join(f"{name}: {p['protocol']} {p['cipher']}" for name, p in probes.items())
+    )
+    resumption = ", ".join(
+        f"{name} {'resumes' if p['session_resumed'] else 'does NOT resume'}"
+        for name, p in probes.items()
+    )
+    return {
+        "certificate": f"{KEY_TYPE}, self-signed CA, made with {'/'.join(sorted(made_with))}",
+        "min_version": MIN_VERSION,
+        "negotiated": negotiated,
+        "resumption": resumption,
+        "probes": probes,
+    }
+
+
 def progress_line(run: Run, rounds: int) -> str:
     """One line per recorded run while the suite is going."""
     cpu = f"{run.cpu_us_per_req:.1f} µs/req" if run.cpu_us_per_req is not None else DASH
-    head = f"[round {run.round}/{rounds}] {run.scenario:<11} {run.target:<18}"
+    head = f"[round {run.round}/{rounds}] {run.scenario:<15} {run.target:<18}"
     if not run.valid:
         return f"{head} INVALID: {'; '.join(run.errors)}"
     p50, p99 = run.latency_us["p50"], run.latency_us["p99"]

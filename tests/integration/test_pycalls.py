@@ -15,7 +15,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_python_calls_per_request_stay_within_budget() -> None:
     result = subprocess.run(
-        [sys.executable, "benchmarks/pycalls.py", "--requests", "300", "--budget", "0.2", "3.2", "7.5"],
+        [
+            sys.executable,
+            "benchmarks/pycalls.py",
+            "--requests",
+            "300",
+            "--budget",
+            "0.2",
+            "3.2",
+            "7.5",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
