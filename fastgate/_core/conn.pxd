@@ -80,10 +80,15 @@ cdef class ServerPool:
     cdef readonly int active               # connections lent to clients
     cdef readonly unsigned long long connects
     cdef readonly unsigned long long connect_errors
+    cdef readonly object ssl               # ssl.SSLContext for an https:// server, else None
+    cdef readonly str server_hostname      # SNI and the name verified (None: plain TCP)
+    cdef readonly unsigned long long tls_errors   # TLS handshakes or sessions that failed
+    cdef double tls_logged                 # when a TLS failure was last logged (rate limit)
     cdef bint closed
     cdef UpstreamCore acquire(self)
     cdef void release(self, UpstreamCore up)
     cdef void expire(self, double now)
+    cdef str tls_failed(self, object exc, double now)
 
 cdef class Service:
     cdef readonly str name

@@ -35,12 +35,22 @@ after a delimited response that did not announce `Connection: close`. A reused c
 dies before answering a body-less request is retried once on a fresh connection (the keep-alive
 race of RFC 9112 §9.3.1), nothing else is retried here.
 
+An https:// server's pool carries its service's client SSLContext (fastgate/tls/client.py:
+verified chain and name, SNI) and the transport is TLS; pooling is unchanged. The connect
+deadline covers the TCP connect and the handshake (connection_made comes after it). A
+failed handshake, or a TLS error on an established upstream connection (a TLS 1.3 server
+refusing our client certificate says so after our handshake is done), is a 502 "upstream
+TLS failure", never a clean end of a close-delimited body: a TLS error cannot be an EOF. (A
+TCP close without close_notify still ends a close-delimited body, as it does in plain HTTP.)
+
 A client's FIN is a half-close (RFC 9112 §9.6): the requests it completed before it are still
 answered, in order, then the connection closes; inside a tunnel the FIN is passed upstream.
 """
 
 import asyncio
+import logging
 import os
+from ssl import SSLError
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -63,6 +73,9 @@ cdef enum:
     MAX_RESPONSE_HEAD = 65536
     LINGER_MS = 2000           # after an error close, read and discard for this long
     TAIL_COPY_MAX = 65536      # body bytes sent in the same write as the response head
+
+cdef double TLS_LOG_INTERVAL = 60.0   # seconds between logged TLS failures, per server
+_log = logging.getLogger("fastgate.upstream")
 
 
 
@@ -191,10 +204,15 @@ cdef class EntryPoint:
 cdef class ServerPool:
     def __init__(self, Engine engine, str url, str host, int port, int max_idle=256,
                  double idle_timeout=60.0, double connect_timeout=5.0,
-                 double response_timeout=60.0, double idle_body_timeout=60.0):
+                 double response_timeout=60.0, double idle_body_timeout=60.0,
+                 ssl=None, str server_hostname=None):
         self.url = url
         self.host = host
         self.port = port
+        # TLS to this server: the context verifies it (fastgate/tls/client.py); the name is
+        # sent as SNI (not for an IP literal) and checked against the certificate.
+        self.ssl = ssl
+        self.server_hostname = (server_hostname or host) if ssl is not None else None
         self.idle = []
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
@@ -250,6 +268,25 @@ cdef class ServerPool:
             self.idle.remove(up)
         except ValueError:
             pass
+
+    cdef str tls_failed(self, object exc, double now):
+        """Count a TLS failure and log its reason (at most once a minute per server: a
+        broken certificate fails every request). Returns the client's error message."""
+        self.tls_errors += 1
+        if self.tls_logged == 0 or now - self.tls_logged >= TLS_LOG_INTERVAL:
+            self.tls_logged = now
+            _log.warning("upstream %s: TLS failure: %s", self.url,
+                         getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+                         or exc)
+        return "upstream TLS failure"
+
+
+cdef bint is_tls_failure(ServerPool pool, object exc):
+    """Whether a failed connect to `pool` failed in TLS rather than in TCP: an SSLError, or
+    (for a TLS server) the peer dropping us mid-handshake. Refused/unreachable stay TCP."""
+    if pool.ssl is None:
+        return False
+    return isinstance(exc, (SSLError, ConnectionResetError, ConnectionAbortedError, EOFError))
 
 
 cdef class Service:
@@ -364,15 +401,22 @@ cdef class UpstreamCore:
             return
         self.closing = True
         self.pool.connect_errors += 1
+        message = "upstream connect failed"
+        if is_tls_failure(self.pool, exc):
+            message = self.pool.tls_failed(exc, self.engine.now)
         c = self.client
         if c is not None and c.up is self:
-            c.upstream_failed(502, "upstream connect failed")
+            c.upstream_failed(502, message)
 
     def connection_lost(self, exc):
+        cdef ConnCore c = self.client
         self.closing = True
         self.engine.upstreams.discard(self)
-        if self.client is not None:
-            self.client.on_upstream_lost(self)
+        if c is not None and isinstance(exc, SSLError) and c.up is self:
+            # Not a close: a TLS error ends no message and is never retried.
+            c.upstream_failed(502, self.pool.tls_failed(exc, self.engine.now))
+        elif c is not None:
+            c.on_upstream_lost(self)
         else:
             self.pool._forget(self)
         self.transport = None
@@ -750,7 +794,13 @@ cdef class ConnCore:
         cdef UpstreamCore up = UpstreamProtocol(self.engine, pool)
         pool.active += 1
         pool.connects += 1
-        fut = asyncio.ensure_future(self.engine.loop.create_connection(up, pool.host, pool.port))
+        if pool.ssl is None:
+            coro = self.engine.loop.create_connection(up, pool.host, pool.port)
+        else:
+            coro = self.engine.loop.create_connection(
+                up, pool.host, pool.port, ssl=pool.ssl, server_hostname=pool.server_hostname,
+                ssl_handshake_timeout=pool.connect_timeout)
+        fut = asyncio.ensure_future(coro)
         fut.add_done_callback(up._connect_done)
         self.set_read_pause(PAUSE_UPSTREAM_FULL, True)
         self.timer = T_UPSTREAM

@@ -4,26 +4,29 @@ Compiled once per worker per generation; a reload compiles a new Runtime and swa
 entrypoint's `cfg`, so a request always sees one whole generation. Failing here leaves the
 running generation untouched.
 
-Some problems can only be found here, not by the schema: an https upstream (not supported
-yet), a middleware type nobody registered or options its class refuses, a route path the
-router refuses. They are reported like schema errors, as one ConfigError listing every
-`(key path, reason)`. The supervisor runs `check_runtime` on every new config before any
-worker sees it, so a config that would not compile is refused as a whole, never half-applied.
+Some problems can only be found here, not by the schema: certificate, key and CA files that
+do not load (entrypoint and upstream TLS), a middleware type nobody registered or options its
+class refuses, a route path the router refuses. They are reported like schema errors, as one
+ConfigError listing every `(key path, reason)`. The supervisor runs `check_runtime` on every
+new config before any worker sees it, so a config that would not compile is refused as a
+whole, never half-applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastgate._core.conn import Engine, EntryConfig, Route, ServerPool, Service
 from fastgate._core.httphead import Limits
 from fastgate._core.router import Router, RouteSpec
-from fastgate.config.schema import Config
+from fastgate.config.schema import Config, UpstreamTls
 from fastgate.errors import ConfigError
 from fastgate.middleware import registry
+from fastgate.tls.client import build_client_context, server_hostname
 from fastgate.tls.server import TlsGeneration, build_generation
 
 __all__ = [
@@ -127,19 +130,23 @@ def _build_services(
 ) -> tuple[dict[str, Service], list[ServerPool]]:
     pools: list[ServerPool] = []
     services: dict[str, Service] = {}
+    # Services with the same upstream TLS settings share one client context (loading the
+    # system roots takes tens of ms); an insecure one is built per service, so each warns.
+    contexts: dict[UpstreamTls | None, ssl.SSLContext] = {}
     for name, svc in config.services.items():
         timeouts = config.effective_timeouts(name)
         pool_cfg = config.effective_pool(name)
         members = []
-        for i, server in enumerate(svc.servers):
-            if server.tls:
-                errors.append(
-                    (
-                        f"services.{name}.servers[{i}].url",
-                        "https upstreams are not supported yet (TLS to upstreams is planned)",
-                    )
-                )
+        context = contexts.get(svc.tls)
+        if context is None and any(server.tls for server in svc.servers):
+            try:
+                context = build_client_context(f"services.{name}.tls", svc.tls)
+            except ConfigError as exc:
+                errors.extend(exc.errors)
                 continue
+            if svc.tls is None or not svc.tls.insecure_skip_verify:
+                contexts[svc.tls] = context
+        for server in svc.servers:
             members.append(
                 ServerPool(
                     engine,
@@ -151,6 +158,8 @@ def _build_services(
                     connect_timeout=timeouts.upstream_connect,
                     response_timeout=timeouts.upstream_response,
                     idle_body_timeout=timeouts.upstream_idle,
+                    ssl=context if server.tls else None,
+                    server_hostname=server_hostname(svc.tls, server) if server.tls else None,
                 )
             )
         pools.extend(members)

@@ -7,9 +7,10 @@ once, each as `(key path, reason)` with paths like `routes[0].match.path_type`:
    their own (addresses, server URLs, IPs/CIDRs, host patterns, methods, names).
 2. Cross-checks (`cross_check`): what needs the whole document: route references to services,
    entrypoints and middlewares; unique route names; regex paths compile; at least one
-   entrypoint; no two listeners on one address. They run over the raw mapping and skip any
-   part whose shape is wrong, so a typo in one route does not hide a dangling reference in
-   another.
+   entrypoint; no two listeners on one address; with `zero_trust`, no plaintext entrypoint or
+   server without `allow_plaintext`, no `insecure_skip_verify`, the admin listener on
+   loopback. They run over the raw mapping and skip any part whose shape is wrong, so a typo
+   in one route does not hide a dangling reference in another.
 
 Every model is frozen and forbids unknown keys, and sequences are tuples: a `Config` is an
 immutable value that a reload replaces whole. `Config.model_validate` on its own also runs the
@@ -34,6 +35,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -64,6 +66,7 @@ __all__ = [
     "Timeouts",
     "TlsCertificate",
     "UpstreamTimeouts",
+    "UpstreamTls",
     "cross_check",
     "format_path",
     "parse_address",
@@ -79,6 +82,7 @@ _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
+_BOOL = TypeAdapter(bool)
 
 
 def _check_name(name: str) -> str:
@@ -381,6 +385,9 @@ class Entrypoint(_Model):
     backlog: int = Field(1024, ge=1, le=65535, description="listen(2) backlog")
     forwarded: Forwarded = Forwarded()
     tls: EntrypointTls | None = Field(None, description="TLS termination; absent = plain HTTP")
+    allow_plaintext: bool = Field(
+        False, description="with zero_trust: this entrypoint may serve plain HTTP"
+    )
 
     @property
     def host(self) -> str:
@@ -417,7 +424,7 @@ class Route(_Model):
 
 
 class Server(_Model):
-    """One upstream server. https:// is accepted here; upstream TLS itself is a later step."""
+    """One upstream server; https:// ones are reached over TLS (the service's `tls`)."""
 
     url: ServerUrl = Field(description="http://host:port (port defaults to 80/443)")
     weight: int = Field(1, ge=1, le=1_000_000)
@@ -440,12 +447,44 @@ class Server(_Model):
         return parts.port or (443 if parts.scheme == "https" else 80)
 
 
+class UpstreamTls(_Model):
+    """How a service's https:// servers are verified, and the client certificate shown to
+    them (fastgate/tls/client.py reads the files). Absent: the system roots, the URL's host."""
+
+    ca_file: FilePath | None = Field(None, description="trust these CAs, not the system roots")
+    cert_file: FilePath | None = Field(None, description="client certificate (mTLS), PEM")
+    key_file: FilePath | None = Field(None, description="its private key (unencrypted PEM)")
+    server_name: str | None = Field(None, description="SNI and the name checked; default: host")
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+    insecure_skip_verify: bool = Field(False, description="no chain or name check (warned)")
+
+    @field_validator("server_name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        return None if name is None else _check_host(name)
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (both or neither)")
+        return self
+
+    def files(self) -> tuple[str, ...]:
+        """Every file this section names (the supervisor watches them for changes)."""
+        names = (self.ca_file, self.cert_file, self.key_file)
+        return tuple(dict.fromkeys(p for p in names if p is not None))
+
+
 class Service(_Model):
     """A set of servers behind one name, with optional timeout and pool overrides."""
 
     servers: tuple[Server, ...]
     timeouts: UpstreamTimeouts | None = None
     pool: PoolOverride | None = None
+    tls: UpstreamTls | None = Field(None, description="for the https:// servers")
+    allow_plaintext: bool = Field(
+        False, description="with zero_trust: this service may have http:// servers"
+    )
 
     @field_validator("servers")
     @classmethod
@@ -453,6 +492,14 @@ class Service(_Model):
         if not servers:
             raise ValueError("a service needs at least one server")
         return servers
+
+    @field_validator("tls")
+    @classmethod
+    def _tls_needs_https(cls, tls: UpstreamTls | None, info: ValidationInfo) -> UpstreamTls | None:
+        servers = info.data.get("servers")
+        if tls is not None and servers and not any(s.tls for s in servers):
+            raise ValueError("only used with https:// servers, and every server here is http://")
+        return tls
 
 
 class Middleware(_Model):
@@ -582,6 +629,9 @@ class Config(_Model):
     log_level: LogLevel = "info"
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for in-flight requests"
+    )
+    zero_trust: bool = Field(
+        False, description="refuse plaintext entrypoints/servers and unverified upstream TLS"
     )
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
@@ -716,7 +766,85 @@ def cross_check(data: Mapping[str, Any]) -> list[tuple[str, str]]:
 
     errors.extend(_check_address_clashes(data))
     errors.extend(_check_provider_refs(data))
+    errors.extend(_check_zero_trust(data))
     return errors
+
+
+def _flag(value: Any) -> bool:
+    """A raw boolean as the schema reads it (`true`, `"yes"`, 1); anything else is False."""
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return False
+
+
+def _check_zero_trust(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """With `zero_trust: true`: every entrypoint has tls and every server is https://, each
+    unless its section says `allow_plaintext: true`; no service skips certificate checks
+    (no opt-out); the admin listener, plain HTTP by design, is on a loopback address."""
+    if not _flag(data.get("zero_trust", False)):
+        return []
+    errors: list[tuple[str, str]] = []
+    entrypoints = data.get("entrypoints")
+    for name, ep in (entrypoints or {}).items() if isinstance(entrypoints, Mapping) else ():
+        ep = {} if ep is None else ep
+        if isinstance(ep, Mapping) and ep.get("tls") is None:
+            if not _flag(ep.get("allow_plaintext", False)):
+                errors.append(
+                    (
+                        f"entrypoints.{name}.tls",
+                        "zero_trust refuses a plain HTTP entrypoint: add tls, or set "
+                        "allow_plaintext: true on it",
+                    )
+                )
+    services = data.get("services")
+    for name, svc in services.items() if isinstance(services, Mapping) else ():
+        if not isinstance(svc, Mapping):
+            continue
+        if not _flag(svc.get("allow_plaintext", False)):
+            for i, server in enumerate(_sequence(svc.get("servers"))):
+                url = server.get("url") if isinstance(server, Mapping) else None
+                if isinstance(url, str) and url.lower().startswith("http://"):
+                    errors.append(
+                        (
+                            f"services.{name}.servers[{i}].url",
+                            "zero_trust refuses a plain http:// server: use https://, or set "
+                            "allow_plaintext: true on the service",
+                        )
+                    )
+        tls = svc.get("tls")
+        if isinstance(tls, Mapping) and _flag(tls.get("insecure_skip_verify", False)):
+            errors.append(
+                (
+                    f"services.{name}.tls.insecure_skip_verify",
+                    "never allowed with zero_trust (allow_plaintext does not cover it)",
+                )
+            )
+    admin = data.get("admin", {})
+    if isinstance(admin, Mapping) and _flag(admin.get("enabled", True)):
+        address = admin.get("address", Admin.model_fields["address"].default)
+        try:
+            host = parse_address(address)[0]
+        except (ValueError, TypeError, AttributeError):
+            host = None  # the shape check reports it
+        if host is not None and not _is_loopback(host):
+            errors.append(
+                (
+                    "admin.address",
+                    f"zero_trust keeps the (plain HTTP) admin listener on loopback, "
+                    f"got {address}: use 127.0.0.1 or [::1]",
+                )
+            )
+    return errors
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_provider_refs(data: Mapping[str, Any]) -> list[tuple[str, str]]:

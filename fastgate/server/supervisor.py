@@ -45,6 +45,7 @@ from fastgate.config.schema import Config
 from fastgate.errors import ConfigError
 from fastgate.server.listener import check_bindable
 from fastgate.server.worker import config_payload
+from fastgate.tls.client import upstream_files
 from fastgate.tls.server import certificate_files
 
 log = logging.getLogger("fastgate")
@@ -95,7 +96,7 @@ class Supervisor:
         self.quick_deaths = 0
         self.last_worker_error = ""
         self.file_stamp = _stamp(config_path)
-        self.tls_stamps = _stamps(certificate_files(config))
+        self.tls_stamps = _stamps(watched_files(config))
         self.stop_requested = asyncio.Event()
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -263,11 +264,11 @@ class Supervisor:
             log.info("%s: nothing to reload (no config file)", trigger)
             return
         self.file_stamp = _stamp(self.config_path)
-        tls_stamps = _stamps(certificate_files(self.config))
+        tls_stamps = _stamps(watched_files(self.config))
         try:
             config = self.reload_config()
             # Stamped before the files are read: a change while checking is seen next round.
-            tls_stamps = _stamps(certificate_files(config))
+            tls_stamps = _stamps(watched_files(config))
             if only_if_changed and config == self.config and tls_stamps == self.tls_stamps:
                 log.info("%s: the config is unchanged; nothing to do", trigger)
                 return
@@ -473,6 +474,12 @@ def _stamp(path: str | None) -> FileStamp | None:
 
 def _stamps(paths: Iterable[str]) -> dict[str, FileStamp | None]:
     return {path: _stamp(path) for path in paths}
+
+
+def watched_files(config: Config) -> tuple[str, ...]:
+    """The TLS files a change of which reloads: the entrypoints' certificates, keys, CAs and
+    CRLs, and the services' upstream CA, client certificate and key files."""
+    return tuple(dict.fromkeys(certificate_files(config) + upstream_files(config)))
 
 
 def serve(

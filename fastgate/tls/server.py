@@ -188,7 +188,7 @@ def build_generation(
     errors: list[tuple[str, str]] = []
     trust = hashlib.sha256(tls.client_auth.encode())
     if tls.client_ca_file is not None:
-        trust.update(_check_ca(f"{at}.client_ca_file", tls.client_ca_file, errors))
+        trust.update(check_ca(f"{at}.client_ca_file", tls.client_ca_file, errors))
     if tls.crl_file is not None:
         trust.update(_check_crl(f"{at}.crl_file", tls.crl_file, now, errors))
     trust_ok = not errors
@@ -197,7 +197,7 @@ def build_generation(
     serials: list[int] = []
     for i, pair in enumerate(tls.certificates):
         where = f"{at}.certificates[{i}]"
-        leaf = _check_pair(where, pair.cert_file, pair.key_file, now, errors)
+        leaf = check_pair(where, pair.cert_file, pair.key_file, now, errors)
         if leaf is None:
             continue
         dns = _dns_names(leaf)
@@ -238,7 +238,7 @@ def _read(path: str, key: str, errors: list[tuple[str, str]]) -> bytes | None:
         return None
 
 
-def _check_pair(
+def check_pair(
     where: str,
     cert_file: str,
     key_file: str,
@@ -314,7 +314,7 @@ def _dns_names(leaf: x509.Certificate) -> tuple[str, ...]:
     )
 
 
-def _check_ca(key: str, path: str, errors: list[tuple[str, str]]) -> bytes:
+def check_ca(key: str, path: str, errors: list[tuple[str, str]]) -> bytes:
     """The CA file's bytes (b"" when unreadable, noted in `errors`)."""
     data = _read(path, key, errors)
     if data is None:

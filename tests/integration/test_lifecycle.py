@@ -487,7 +487,10 @@ def test_bad_config_is_refused_and_the_old_one_keeps_serving(
         ],
         "services": {
             "up": {"servers": [{"url": b.url}]},
-            "tls": {"servers": [{"url": "https://127.0.0.1:9"}]},
+            "tls": {
+                "servers": [{"url": "https://127.0.0.1:9"}],
+                "tls": {"ca_file": "/nonexistent/ca.pem"},
+            },
         },
         "middlewares": {"mw": {"type": "no_such_middleware"}},
     }
@@ -498,7 +501,7 @@ def test_bad_config_is_refused_and_the_old_one_keeps_serving(
         "the compile error to be refused",
         lambda: "services.tls" in (s := gw.status())["last_reload"] and s,
     )
-    for path in ("services.tls.servers[0].url", "middlewares.mw.type", "routes[1].match.path"):
+    for path in ("services.tls.tls.ca_file", "middlewares.mw.type", "routes[1].match.path"):
         assert path in doc["last_reload"]
         wait_for(f"{path} in the log", lambda p=path: p in gw.stderr())
     assert doc["last_reload"].startswith("refused: ")
@@ -736,10 +739,11 @@ def test_config_that_does_not_compile_exits_2(
     origins: Callable[[str], Origin], gateway: Callable[..., Gateway]
 ) -> None:
     a = origins("A")
-    cfg = config(a, services={"up": {"servers": [{"url": "https://127.0.0.1:9"}]}})
+    up = {"servers": [{"url": "https://127.0.0.1:9"}], "tls": {"ca_file": "/nonexistent/ca.pem"}}
+    cfg = config(a, services={"up": up})
     gw = gateway(cfg).start(wait=False)
     assert gw.wait_exit(START_TIMEOUT) == 2
-    assert "error: services.up.servers[0].url: https upstreams are not supported" in gw.stderr()
+    assert "error: services.up.tls.ca_file: cannot read /nonexistent/ca.pem" in gw.stderr()
 
 
 # ---- 8. the config file is watched -----------------------------------------------------------

@@ -247,12 +247,15 @@ def test_entry_configs_carry_limits_timeouts_and_forwarding(engine: Engine) -> N
         pytest.param(
             {
                 "services": {
-                    "api": {"servers": [{"url": "http://10.0.0.1"}, {"url": "https://10.0.0.2"}]},
+                    "api": {
+                        "servers": [{"url": "http://10.0.0.1"}, {"url": "https://10.0.0.2"}],
+                        "tls": {"ca_file": "/nonexistent/ca.pem"},
+                    },
                     "static": {"servers": [{"url": "http://10.0.0.3"}]},
                 }
             },
-            [("services.api.servers[1].url", "https upstreams are not supported yet")],
-            id="https upstream",
+            [("services.api.tls.ca_file", "cannot read /nonexistent/ca.pem")],
+            id="unreadable upstream CA file",
         ),
         pytest.param(
             {"middlewares": {"first": {"type": "no_such_type"}, "second": {"type": "lc_tag"}}},
@@ -291,7 +294,10 @@ def test_compile_errors_name_the_key(
 def test_every_compile_error_is_reported_at_once(engine: Engine) -> None:
     data = document(
         services={
-            "api": {"servers": [{"url": "https://10.0.0.1"}]},
+            "api": {
+                "servers": [{"url": "https://10.0.0.1"}],
+                "tls": {"ca_file": "/nonexistent/ca.pem"},
+            },
             "static": {"servers": [{"url": "http://10.0.0.3"}]},
         },
         middlewares={"first": {"type": "nope"}, "second": {"type": "lc_tag"}},
@@ -303,7 +309,7 @@ def test_every_compile_error_is_reported_at_once(engine: Engine) -> None:
     errors = refused(engine, data)
     # Route `a` uses the failed service and middleware: reported there once, not again.
     assert [path for path, _ in errors] == [
-        "services.api.servers[0].url",
+        "services.api.tls.ca_file",
         "middlewares.first.type",
         "routes[1].match.path",
     ]
