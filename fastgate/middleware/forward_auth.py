@@ -77,6 +77,7 @@ from fastgate.client.http import (
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
 from fastgate.middleware.registry import register
+from fastgate.tls.client import verifying_context
 
 log = logging.getLogger("fastgate.forward_auth")
 
@@ -250,16 +251,7 @@ def _address(url: str, allow_plaintext: bool) -> bool:
 
 def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     """Certificate chain and host name checked, TLS 1.2 or later."""
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    except ssl.SSLError:  # before OSError, its base class
-        raise ConfigError("ca_file", "not a PEM CA certificate") from None
-    except FileNotFoundError:
-        raise ConfigError("ca_file", "no such file") from None
-    except OSError as exc:
-        raise ConfigError("ca_file", f"cannot read: {exc.strerror}") from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    return verifying_context(ca_file, "ca_file")
 
 
 def _names(values: list[str], option: str, refused: frozenset[str], why: str) -> tuple[str, ...]:

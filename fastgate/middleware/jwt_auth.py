@@ -68,6 +68,7 @@ from fastgate.auth.jwks import JwksSettings, KeyManager, check_url, key_shapes, 
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
 from fastgate.middleware.registry import register
+from fastgate.tls.client import verifying_context
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
@@ -300,12 +301,7 @@ class _Options:
             raise ConfigError(at, "expected the path of a PEM CA bundle")
         if not url.lower().startswith("https:"):
             raise ConfigError(at, "only for an https URL")
-        try:
-            return ssl.create_default_context(cafile=ca_file)
-        except (ssl.SSLError, ValueError):
-            raise ConfigError(at, "not a PEM CA bundle") from None
-        except OSError as exc:
-            raise ConfigError(at, f"cannot read: {exc.strerror}") from None
+        return verifying_context(ca_file, at)
 
     def _names(
         self, options: dict[str, Any], option: str, *, allow_one: bool = False, default: Any

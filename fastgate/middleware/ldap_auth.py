@@ -73,6 +73,7 @@ from fastgate.auth.ldap_directory import (
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
 from fastgate.middleware.registry import register
+from fastgate.tls.client import verifying_context
 
 log = logging.getLogger("fastgate.ldap_auth")
 
@@ -191,16 +192,7 @@ def _url(url: str) -> tuple[str, int, bool]:
 
 def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     """Certificate chain and host name checked, TLS 1.2 or later."""
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    except ssl.SSLError:  # before OSError, its base class
-        raise ConfigError("ca_file", "not a PEM CA certificate") from None
-    except FileNotFoundError:
-        raise ConfigError("ca_file", "no such file") from None
-    except OSError as exc:
-        raise ConfigError("ca_file", f"cannot read: {exc.strerror}") from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    return verifying_context(ca_file, "ca_file")
 
 
 def _groups(opts: LdapAuthOptions) -> dict[str, Any]:

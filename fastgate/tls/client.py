@@ -43,7 +43,13 @@ from fastgate.config.schema import Config, Server, UpstreamTls
 from fastgate.errors import ConfigError
 from fastgate.tls.server import check_ca, check_pair
 
-__all__ = ["ALPN", "build_client_context", "server_hostname", "upstream_files"]
+__all__ = [
+    "ALPN",
+    "build_client_context",
+    "server_hostname",
+    "upstream_files",
+    "verifying_context",
+]
 
 log = logging.getLogger("fastgate.tls")
 
@@ -120,3 +126,19 @@ def upstream_files(config: Config) -> tuple[str, ...]:
         if service.tls is not None:
             files.update(dict.fromkeys(service.tls.files()))
     return tuple(files)
+
+
+def verifying_context(ca_file: str | None, at: str) -> ssl.SSLContext:
+    """A client context for the gateway's own calls (IdP, LDAP, auth services): chain and
+    host name checked against `ca_file` (instead of the system roots) when given, TLS 1.2 or
+    later. A CA file that cannot be used is a ConfigError at `at`."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (ssl.SSLError, ValueError):  # before OSError, ssl.SSLError's base class
+        raise ConfigError(at, "not a PEM CA certificate") from None
+    except FileNotFoundError:
+        raise ConfigError(at, "no such file") from None
+    except OSError as exc:
+        raise ConfigError(at, f"cannot read: {exc.strerror}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

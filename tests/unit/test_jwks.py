@@ -725,13 +725,13 @@ def test_background_task_stops_when_closed_or_dropped(idp: Issuer) -> None:
         pytest.param(
             {"jwks_url": "https://id.test/k", "jwks_ca_file": "/nonexistent/ca.pem"},
             "jwks_ca_file",
-            "cannot read",
+            "no such file",
             id="missing CA file",
         ),
         pytest.param(
             {"jwks_url": "https://id.test/k", "jwks_ca_file": __file__},
             "jwks_ca_file",
-            "not a PEM CA bundle",
+            "not a PEM CA certificate",
             id="CA file not PEM",
         ),
         pytest.param(
