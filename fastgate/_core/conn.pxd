@@ -4,7 +4,8 @@
 from fastgate._core.httphead cimport RequestHead, ResponseHead, Limits
 from fastgate._core.body cimport ChunkedScanner
 from fastgate._core.router cimport Router
-from fastgate._core.writer cimport ForwardInfo
+from fastgate._core.stats cimport Shard, ExchangeRecord
+from fastgate._core.writer cimport ForwardInfo, TraceCtx
 
 cdef enum ReqState:
     RQ_HEAD = 0        # waiting for (the rest of) a request head
@@ -43,6 +44,7 @@ cdef class Engine:
     cdef bytes rid_prefix
     cdef unsigned long long rid_counter
     cdef readonly bint draining
+    cdef readonly Shard shard               # this worker's metric slot (stats.pxd)
     cdef readonly unsigned long long requests     # requests whose head was parsed
     cdef readonly unsigned long long responses    # exchanges completed
     cdef readonly unsigned long long errors       # gateway-generated error replies
@@ -60,6 +62,11 @@ cdef class EntryConfig:
     cdef readonly bytes proto
     cdef readonly object trusted_nets      # tuple of ipaddress networks
     cdef readonly bint forwarded_header
+    cdef public int stats_entry            # stats K_ENTRY row of the entrypoint
+    cdef public int stats_noroute          # stats K_ROUTE row (entrypoint, "", ""): no route
+    cdef readonly int trust_trace          # a writer.TrustMode for incoming traceparent
+    cdef readonly int trust_request_id     # a writer.TrustMode for incoming X-Request-ID
+    cdef readonly bint trace_sampled       # flags 01 on the traces the gateway starts
     cdef readonly Py_ssize_t max_held      # pipelined input held before reading pauses
 
 cdef class EntryPoint:
@@ -83,6 +90,8 @@ cdef class ServerPool:
     cdef readonly object ssl               # ssl.SSLContext for an https:// server, else None
     cdef readonly str server_hostname      # SNI and the name verified (None: plain TCP)
     cdef readonly unsigned long long tls_errors   # TLS handshakes or sessions that failed
+    cdef Shard shard
+    cdef public int stats_row              # stats K_SERVER row (service, url)
     cdef double tls_logged                 # when a TLS failure was last logged (rate limit)
     cdef bint closed
     cdef UpstreamCore acquire(self)
@@ -115,6 +124,8 @@ cdef class Route:
     cdef readonly long long buffer_body    # >0: read bodies up to this size before the chain
     cdef readonly bytes response_headers   # lines added to every response on this route
     cdef readonly tuple response_strip     # lowercase names dropped from responses; None = none
+    cdef public int stats_row              # stats K_ROUTE row (entrypoint, route, service)
+    cdef public int stats_local            # ... (entrypoint, route, ""): answered locally
 
 cdef class UpstreamCore:
     cdef object transport
@@ -148,6 +159,7 @@ cdef class ConnCore:
     cdef readonly RequestHead head
     cdef readonly bytes request_id
     cdef bint id_from_client
+    cdef TraceCtx trace                    # this request's trace context (writer.pxd)
     cdef Route route
     cdef UpstreamCore up
     cdef bytes up_head
@@ -201,6 +213,9 @@ cdef class ConnCore:
     cdef void detach_up(self, bint reusable)
     cdef void upstream_failed(self, int status, str message)
     cdef void response_done(self)
+    cdef ExchangeRecord rec                # the exchange in flight, for metrics (stats.pxd)
+    cdef void begin_exchange(self)
+    cdef void end_exchange(self)
     cdef void finish_exchange(self, bint close)
     cdef void reply_error(self, int status, str message, bint close)
     cdef void abort(self)

@@ -62,8 +62,14 @@ from fastgate._core.httphead cimport (
 )
 from fastgate._core.body cimport ChunkedScanner
 from fastgate._core.router cimport Router
+from fastgate._core.stats cimport (
+    Shard, ExchangeRecord, monotonic_ns, method_class, K_ENTRY, K_SERVER, EW_OPENED, EW_CLOSED,
+    SW_OPENED, SW_CLOSED, SW_CONNECT_ERRORS, SW_TLS_ERRORS,
+)
 from fastgate._core.writer cimport (
     ForwardInfo, build_request_head, build_response_head, build_error_reply, client_request_id,
+    TraceCtx, trace_begin, trace_seed, trace_value, trust_allows, TRACE_NONE, TRACE_CONTINUED,
+    TRUST_ALWAYS, TRUST_TRUSTED, TRUST_NEVER,
 )
 
 cdef enum:
@@ -82,8 +88,10 @@ _log = logging.getLogger("fastgate.upstream")
 cdef class Engine:
     """Per-worker state shared by all connections: clock, timers, pools, request ids."""
 
-    def __init__(self, loop, dispatch=None, double tick_interval=0.5):
+    def __init__(self, loop, dispatch=None, double tick_interval=0.5, Shard shard=None):
         self.loop = loop
+        # Counters always go somewhere: private memory when no supervisor slot is given.
+        self.shard = shard if shard is not None else Shard()
         self.dispatch = dispatch
         self.conns = set()
         self.upstreams = set()
@@ -92,6 +100,7 @@ cdef class Engine:
         self.tick_interval = tick_interval
         self.rid_prefix = os.urandom(8).hex().encode()
         self.rid_counter = 0
+        trace_seed(os.urandom(32))   # trace/span ids: this worker's own sequence
         self.ticker = loop.call_later(tick_interval, self._tick)
 
     cdef bytes next_request_id(self):
@@ -168,12 +177,27 @@ cdef class Engine:
         }
 
 
+_TRUST_MODES = {"always": TRUST_ALWAYS, "trusted": TRUST_TRUSTED, "never": TRUST_NEVER}
+
+
+def _trust_mode(str mode):
+    """forwarded.trust_trace_context / trust_request_id as a writer.TrustMode."""
+    try:
+        return _TRUST_MODES[mode]
+    except KeyError:
+        raise ValueError(f"trust mode must be always, trusted or never, not {mode!r}") from None
+
+
 cdef class EntryConfig:
     def __init__(self, Router router, Limits limits, double head_timeout=10.0,
                  double idle_timeout=60.0, double body_timeout=60.0, long long max_body=0,
                  bytes proto=b"http", trusted_nets=(), bint forwarded_header=False,
-                 Py_ssize_t max_held=262144):
+                 Py_ssize_t max_held=262144, str trust_trace_context="always",
+                 str trust_request_id="always", bint trace_sampled=False):
         self.router = router
+        self.trust_trace = _trust_mode(trust_trace_context)
+        self.trust_request_id = _trust_mode(trust_request_id)
+        self.trace_sampled = trace_sampled
         self.max_held = max_held
         self.limits = limits
         self.head_timeout = head_timeout
@@ -219,6 +243,7 @@ cdef class ServerPool:
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
         self.idle_body_timeout = idle_body_timeout
+        self.shard = engine.shard
         engine.register_pool(self)
 
     cdef UpstreamCore acquire(self):
@@ -273,6 +298,7 @@ cdef class ServerPool:
         """Count a TLS failure and log its reason (at most once a minute per server: a
         broken certificate fails every request). Returns the client's error message."""
         self.tls_errors += 1
+        self.shard.add(K_SERVER, self.stats_row, SW_TLS_ERRORS, 1)
         if self.tls_logged == 0 or now - self.tls_logged >= TLS_LOG_INTERVAL:
             self.tls_logged = now
             _log.warning("upstream %s: TLS failure: %s", self.url,
@@ -401,6 +427,9 @@ cdef class UpstreamCore:
             return
         self.closing = True
         self.pool.connect_errors += 1
+        self.engine.shard.add(K_SERVER, self.pool.stats_row, SW_CONNECT_ERRORS, 1)
+        if not self.connected:      # no connection_lost will come: the gauge's close
+            self.engine.shard.add(K_SERVER, self.pool.stats_row, SW_CLOSED, 1)
         message = "upstream connect failed"
         if is_tls_failure(self.pool, exc):
             message = self.pool.tls_failed(exc, self.engine.now)
@@ -412,6 +441,7 @@ cdef class UpstreamCore:
         cdef ConnCore c = self.client
         self.closing = True
         self.engine.upstreams.discard(self)
+        self.engine.shard.add(K_SERVER, self.pool.stats_row, SW_CLOSED, 1)
         if c is not None and isinstance(exc, SSLError) and c.up is self:
             # Not a close: a TLS error ends no message and is never retried.
             c.upstream_failed(502, self.pool.tls_failed(exc, self.engine.now))
@@ -478,6 +508,8 @@ cdef class ConnCore:
         ip = peer[0] if peer else "unknown"
         self.fwd = ForwardInfo(ip.encode(), cfg.proto, cfg.is_trusted(ip), cfg.forwarded_header)
         self.engine.conns.add(self)
+        self.rec.ep_row = cfg.stats_entry
+        self.engine.shard.add(K_ENTRY, self.rec.ep_row, EW_OPENED, 1)
         self.timer = T_HEAD
         self.deadline = self.engine.now + cfg.head_timeout
         if self.engine.draining:
@@ -528,6 +560,9 @@ cdef class ConnCore:
         return False
 
     def connection_lost(self, exc):
+        if self.rec.active:
+            self.end_exchange()    # cut short (abort, tunnel end, client gone)
+        self.engine.shard.add(K_ENTRY, self.rec.ep_row, EW_CLOSED, 1)
         if self.done_hooks is not None:
             self.run_done_hooks()
         self.rq = RQ_CLOSED
@@ -638,15 +673,21 @@ cdef class ConnCore:
         cdef bytes host, rid
         self.cfg = cfg
         self.engine.requests += 1
+        self.begin_exchange()
+        self.trace.state = TRACE_NONE
         rc = parse_request_head(h, raw, cfg.limits)
         if rc != 0:
             self.reply_error(-rc, (<bytes>last_error_reason).decode("latin-1"), True)
             return False
         self.head = h
+        self.rec.method = method_class(h.method)
         self.up_extra = None
         self.request_body = None
         self.body_read = False
-        rid = client_request_id(h)
+        rid = (client_request_id(h) if trust_allows(cfg.trust_request_id, self.fwd.trusted)
+               else None)
+        trace_begin(&self.trace, h, trust_allows(cfg.trust_trace, self.fwd.trusted),
+                    cfg.trace_sampled)
         if rid is None:
             self.request_id = self.engine.next_request_id()
             self.id_from_client = False
@@ -669,6 +710,7 @@ cdef class ConnCore:
             return False
         self.route = <Route>route
         h.route = route
+        self.rec.route_row = self.route.stats_local
         self.rq = RQ_DISPATCH
         self.rs = RS_HEAD
         self.resp_started = False
@@ -731,6 +773,7 @@ cdef class ConnCore:
                 return -1
             done = self.body_scan.done
         self.body_buf += PyBytes_FromStringAndSize(p, k)
+        self.rec.req_bytes += k
         # Chunked: bound the bytes on the wire as they come (framing may double tiny chunks),
         # then the decoded size once whole.
         if (self.head.framing == FRAMING_CHUNKED
@@ -782,11 +825,15 @@ cdef class ConnCore:
         cdef bint unread = self.head.framing != FRAMING_NONE and not self.body_read
         cdef bint close = unread or not self.head.keep_alive or self.close_after
         self.rs = RS_NONE
+        self.rec.status = getattr(reply, "status", 0)
         self.engine.responses += 1
         self.body_buf = None
         # The request body was not read: linger on close, as after an error reply.
         self.linger = unread
-        self._write(reply.encode(self.request_id, close, self.head.method == b"HEAD"))
+        out = reply.encode(self.request_id, close, self.head.method == b"HEAD",
+                           trace_value(&self.trace))
+        self.rec.resp_bytes += len(out)
+        self._write(out)
         self.finish_exchange(close)
 
     cdef UpstreamCore connect(self, ServerPool pool):
@@ -794,6 +841,7 @@ cdef class ConnCore:
         cdef UpstreamCore up = UpstreamProtocol(self.engine, pool)
         pool.active += 1
         pool.connects += 1
+        self.engine.shard.add(K_SERVER, pool.stats_row, SW_OPENED, 1)
         if pool.ssl is None:
             coro = self.engine.loop.create_connection(up, pool.host, pool.port)
         else:
@@ -829,7 +877,10 @@ cdef class ConnCore:
         if self.up_extra is not None:
             extra = self.up_extra if extra is None else extra + self.up_extra
         self.up_head = build_request_head(h, self.fwd, self.request_id, self.id_from_client,
-                                          extra, self.route.strip_headers)
+                                          extra, self.route.strip_headers, &self.trace)
+        self.rec.route_row = self.route.stats_row
+        self.rec.server_row = pool.stats_row
+        self.rec.t_up_start_ns = monotonic_ns()
         up.send(self.up_head)
         self.req_framing = h.framing
         if h.framing == FRAMING_LENGTH and h.content_length > 0:
@@ -872,6 +923,8 @@ cdef class ConnCore:
                 # Counted on the wire (chunk framing included): a bound, not an exact size.
                 self.upstream_failed(413, "request body too large")
                 return -1
+        if not self.body_read:     # a buffered body was counted as it was read
+            self.rec.req_bytes += k
         if k == n and type(src) is bytes and p == PyBytes_AS_STRING(src):
             self.up.send(<bytes>src)
         elif k:
@@ -907,6 +960,7 @@ cdef class ConnCore:
             self.relay_body(data, p, n)
             return
         if self.rs == RS_TUNNEL:
+            self.rec.resp_bytes += n
             self._write(data)
             return
         if self.rs != RS_HEAD:
@@ -945,6 +999,7 @@ cdef class ConnCore:
             if rh.status >= 200 or rh.status == 101:
                 break
             # Interim response (100 Continue, 103 Early Hints): forwarded as is.
+            self.rec.resp_bytes += PyBytes_GET_SIZE(raw)
             self._write(raw)
             if pos == n:
                 return
@@ -958,10 +1013,13 @@ cdef class ConnCore:
         if close:
             self.close_after = True
         self.resp = rh
+        self.rec.status = rh.status
         self.resp_started = True
         self.resp_framing = rh.framing
         if upgrade:
-            self._write(build_response_head(rh, False, False, True, NULL, 0))
+            self._write(build_response_head(rh, False, False, True, NULL, 0, None, None,
+                                            self.request_id, &self.trace))
+            self.rec.resp_bytes += PyBytes_GET_SIZE(raw)    # about the head we sent
             self.rq = RQ_TUNNEL
             self.rs = RS_TUNNEL
             self.timer = T_NONE
@@ -999,13 +1057,16 @@ cdef class ConnCore:
         if tail <= TAIL_COPY_MAX:
             out = build_response_head(rh, close, self.head.version == 10 and not close, False,
                                       p + pos, tail, self.route.response_headers,
-                                      self.route.response_strip)
+                                      self.route.response_strip, self.request_id, &self.trace)
+            self.rec.resp_bytes += PyBytes_GET_SIZE(out)
             self._write(out)
         else:
             self._write(build_response_head(rh, close, self.head.version == 10 and not close,
                                             False, NULL, 0, self.route.response_headers,
-                                            self.route.response_strip))
+                                            self.route.response_strip, self.request_id,
+                                            &self.trace))
             self._write(PyBytes_FromStringAndSize(p + pos, tail))
+            self.rec.resp_bytes += tail + PyBytes_GET_SIZE(raw)     # about the head we sent
         pos += tail
         if done:
             if pos < n:
@@ -1032,6 +1093,7 @@ cdef class ConnCore:
             done = self.resp_chunks.done
         else:
             k = n
+        self.rec.resp_bytes += k
         if k == n:
             self._write(src)
         elif k:
@@ -1101,6 +1163,7 @@ cdef class ConnCore:
         cdef bint reusable = (self.resp_framing != FRAMING_CLOSE and self.rq == RQ_SENT
                               and self.resp is not None and self.resp.keep_alive)
         self.resp = None
+        self.rec.t_up_end_ns = monotonic_ns()
         self.engine.responses += 1
         self.served += 1
         self.rs = RS_NONE
@@ -1171,14 +1234,35 @@ cdef class ConnCore:
                     import logging
                     logging.getLogger("fastgate.conn").exception("on_done hook failed")
 
+    cdef void begin_exchange(self):
+        """A request head arrived (or an error before one): start its ExchangeRecord."""
+        cdef int ep_row = self.rec.ep_row
+        self.rec = ExchangeRecord(active=True, t_head_ns=monotonic_ns(), t_up_start_ns=0,
+                                  t_up_end_ns=0, t_end_ns=0, status=0, method=7, req_bytes=0,
+                                  resp_bytes=0, ep_row=ep_row,
+                                  route_row=self.ep.cfg.stats_noroute, server_row=-1)
+
+    cdef void end_exchange(self):
+        """THE exchange-end hook: every exchange ends here exactly once (finish_exchange,
+        or connection_lost for one cut short). self.rec is complete (status 0: nothing was
+        sent), and self.head / self.request_id / self.route are still set when it came
+        through finish_exchange: an access-log writer reads the same record here."""
+        if not self.rec.active:
+            return
+        self.rec.active = False
+        self.rec.t_end_ns = self.rec.t_up_end_ns if self.rec.t_up_end_ns else monotonic_ns()
+        self.engine.shard.record_exchange(&self.rec)
+
     cdef void finish_exchange(self, bint close):
         """The response is out: close, or go back to reading the next request."""
+        self.end_exchange()
         if self.done_hooks is not None:
             self.run_done_hooks()
         self.head = None
         self.route = None
         self.up_head = None
         self.request_id = None
+        self.trace.state = TRACE_NONE
         self.body_buf = None
         self.request_body = None
         if close:
@@ -1235,12 +1319,18 @@ cdef class ConnCore:
         self.linger = close
         if self.request_id is None:
             self.request_id = self.engine.next_request_id()
+        if not self.rec.active:
+            self.begin_exchange()    # an error before any head
+        self.rec.status = status
         self.engine.errors += 1
         self.engine.responses += 1
         self.detach_up(False)
         self.rs = RS_NONE
         if self._write is not None:
-            self._write(build_error_reply(status, message, self.request_id, close, head_only))
+            out = build_error_reply(status, message, self.request_id, close, head_only,
+                                    &self.trace)
+            self.rec.resp_bytes += PyBytes_GET_SIZE(out)
+            self._write(out)
         self.finish_exchange(close)
 
     cdef void abort(self):
@@ -1296,6 +1386,27 @@ cdef class ConnCore:
     def state(self):
         """(request state, response state): for tests and the admin listener."""
         return (self.rq, self.rs)
+
+    @property
+    def trace_id(self):
+        """The current request's W3C trace id (32 lowercase hex), None between requests."""
+        if self.trace.state == TRACE_NONE:
+            return None
+        return PyBytes_FromStringAndSize(self.trace.value + 3, 32).decode()
+
+    @property
+    def span_id(self):
+        """The gateway's span id for the current request: the parent id sent upstream."""
+        if self.trace.state == TRACE_NONE:
+            return None
+        return PyBytes_FromStringAndSize(self.trace.value + 36, 16).decode()
+
+    @property
+    def parent_span_id(self):
+        """The caller's span id when the request continued the client's trace, else None."""
+        if self.trace.state != TRACE_CONTINUED:
+            return None
+        return PyBytes_FromStringAndSize(self.trace.parent, 16).decode()
 
 
 class UpstreamProtocol(UpstreamCore, asyncio.Protocol):

@@ -25,6 +25,8 @@ cdef enum HeaderFlag:
     HF_REQUEST_ID = 8     # x-request-id
     HF_FRAMING = 16       # content-length, transfer-encoding
     HF_EXPECT = 32        # expect
+    HF_TRACE = 64         # traceparent, tracestate, traceresponse (W3C Trace Context): the
+                          #   gateway writes its own, never copies these lines
 
 cdef enum:
     MAX_HEADERS_CAP = 512

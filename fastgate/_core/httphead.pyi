@@ -20,6 +20,7 @@ HF_FORWARDED: int
 HF_REQUEST_ID: int
 HF_FRAMING: int
 HF_EXPECT: int
+HF_TRACE: int  # traceparent / tracestate / traceresponse
 
 MAX_HEADERS_CAP: int  # the most header lines any head may have (Limits.max_headers <= this)
 RESPONSE_MAX_HEAD_BYTES: int  # response heads have no Limits; a larger one is a 502

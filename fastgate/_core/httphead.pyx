@@ -249,8 +249,9 @@ cdef enum:  # header kinds
     K_HOP = 7             # hop-by-hop with no meaning to the parser (te, trailer, ...)
     K_FORWARDED = 8
     K_REQUEST_ID = 9
+    K_TRACE = 10          # traceparent / tracestate / traceresponse
 
-cdef uint8_t _KIND_FLAGS[10]
+cdef uint8_t _KIND_FLAGS[11]
 _KIND_FLAGS[K_OTHER] = 0
 _KIND_FLAGS[K_HOST] = HF_HOST
 _KIND_FLAGS[K_CONTENT_LENGTH] = HF_FRAMING
@@ -261,6 +262,7 @@ _KIND_FLAGS[K_EXPECT] = HF_EXPECT
 _KIND_FLAGS[K_HOP] = HF_HOP
 _KIND_FLAGS[K_FORWARDED] = HF_FORWARDED
 _KIND_FLAGS[K_REQUEST_ID] = HF_REQUEST_ID
+_KIND_FLAGS[K_TRACE] = HF_TRACE
 
 
 cdef inline bint _lc_eq(const unsigned char *p, const char *lit, Py_ssize_t n) noexcept nogil:
@@ -297,6 +299,15 @@ cdef int _classify(const unsigned char *p, Py_ssize_t n) noexcept nogil:
         elif c0 == b'k':
             if _lc_eq(p, b"keep-alive", 10):
                 return K_HOP
+        elif c0 == b't':
+            if _lc_eq(p, b"tracestate", 10):
+                return K_TRACE
+    elif n == 11:
+        if c0 == b't' and _lc_eq(p, b"traceparent", 11):
+            return K_TRACE
+    elif n == 13:
+        if c0 == b't' and _lc_eq(p, b"traceresponse", 13):
+            return K_TRACE
     elif n == 17:
         if c0 == b't':
             if _lc_eq(p, b"transfer-encoding", 17):
@@ -542,7 +553,8 @@ cdef int _scan_fields(const unsigned char *b, Py_ssize_t pos, Py_ssize_t n,
         offs[4 * i + 3] = <uint32_t>ve
         kind = _classify(b + ns, ne - ns)
         flags[i] = _KIND_FLAGS[kind]
-        if kind == K_OTHER or kind == K_HOP or kind == K_FORWARDED or kind == K_REQUEST_ID:
+        if (kind == K_OTHER or kind == K_HOP or kind == K_FORWARDED or kind == K_REQUEST_ID
+                or kind == K_TRACE):
             continue
         if kind == K_HOST:
             st.host_count += 1
@@ -799,6 +811,7 @@ globals().update(
     HF_REQUEST_ID=HF_REQUEST_ID,
     HF_FRAMING=HF_FRAMING,
     HF_EXPECT=HF_EXPECT,
+    HF_TRACE=HF_TRACE,
     MAX_HEADERS_CAP=MAX_HEADERS_CAP,
     RESPONSE_MAX_HEAD_BYTES=RESPONSE_MAX_HEAD_BYTES,
     DEFAULT_LIMITS=DEFAULT_LIMITS,

@@ -147,21 +147,22 @@ def _build_services(
             if svc.tls is None or not svc.tls.insecure_skip_verify:
                 contexts[svc.tls] = context
         for server in svc.servers:
-            members.append(
-                ServerPool(
-                    engine,
-                    server.url,
-                    server.host,
-                    server.port,
-                    max_idle=pool_cfg.max_idle,
-                    idle_timeout=pool_cfg.idle_timeout,
-                    connect_timeout=timeouts.upstream_connect,
-                    response_timeout=timeouts.upstream_response,
-                    idle_body_timeout=timeouts.upstream_idle,
-                    ssl=context if server.tls else None,
-                    server_hostname=server_hostname(svc.tls, server) if server.tls else None,
-                )
+            pool = ServerPool(
+                engine,
+                server.url,
+                server.host,
+                server.port,
+                max_idle=pool_cfg.max_idle,
+                idle_timeout=pool_cfg.idle_timeout,
+                connect_timeout=timeouts.upstream_connect,
+                response_timeout=timeouts.upstream_response,
+                idle_body_timeout=timeouts.upstream_idle,
+                ssl=context if server.tls else None,
+                server_hostname=server_hostname(svc.tls, server) if server.tls else None,
             )
+            # Metric rows are fixed here, not per request (fastgate/_core/stats.pyx).
+            pool.stats_row = engine.shard.register_server(name, server.url)
+            members.append(pool)
         pools.extend(members)
         if len(members) == len(svc.servers):
             services[name] = Service(name, members, [s.weight for s in svc.servers])
@@ -207,6 +208,7 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
     )
     entries: dict[str, EntryConfig] = {}
     tls: dict[str, TlsGeneration] = {}
+    shard = engine.shard
     for ep_name, ep in config.entrypoints.items():
         if ep.tls is not None:
             try:
@@ -229,18 +231,21 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             chain = tuple(mw for mw in chain if getattr(mw, "on_request", None) is not None)
             checks, chain = split_chain(route.name, chain)
             try:
+                target = Route(
+                    route.name,
+                    service,
+                    chain,
+                    checks=checks,
+                    strip_headers=strip,
+                    buffer_body=buffer_body,
+                    response_headers=response_lines,
+                    response_strip=response_strip,
+                )
+                target.stats_row = shard.register_route(ep_name, route.name, route.service)
+                target.stats_local = shard.register_route(ep_name, route.name, "")
                 specs.append(
                     RouteSpec(
-                        target=Route(
-                            route.name,
-                            service,
-                            chain,
-                            checks=checks,
-                            strip_headers=strip,
-                            buffer_body=buffer_body,
-                            response_headers=response_lines,
-                            response_strip=response_strip,
-                        ),
+                        target=target,
                         path=route.match.path,
                         path_type=route.match.path_type,
                         hosts=tuple(route.match.hosts),
@@ -267,8 +272,13 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             proto=b"https" if ep.tls is not None else b"http",
             trusted_nets=ep.forwarded.networks(),
             forwarded_header=ep.forwarded.forwarded_header,
+            trust_trace_context=ep.forwarded.trust_trace_context,
+            trust_request_id=ep.forwarded.trust_request_id,
+            trace_sampled=ep.forwarded.trace_sampled,
             max_held=config.limits.max_pipeline_bytes,
         )
+        entries[ep_name].stats_entry = shard.register_entry(ep_name)
+        entries[ep_name].stats_noroute = shard.register_route(ep_name, "", "")
     runtime = Runtime(config, entries, services, tuple(pools), chains, tls)
     if errors:
         runtime.retire()

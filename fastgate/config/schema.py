@@ -277,10 +277,18 @@ class PoolOverride(_Model):
 
 
 class Forwarded(_Model):
-    """Which peers' X-Forwarded-* headers are believed, and whether to add RFC 7239 Forwarded."""
+    """Which peers' X-Forwarded-* headers are believed, and whether to add RFC 7239 Forwarded;
+    whose X-Request-ID and W3C trace context (traceparent/tracestate) are kept."""
 
     trusted_ips: tuple[Network, ...] = Field((), description="IPs or CIDR networks")
     forwarded_header: bool = Field(False, description="also send a Forwarded header")
+    trust_trace_context: Literal["always", "trusted", "never"] = Field(
+        "always", description="whose valid traceparent/tracestate is continued"
+    )
+    trust_request_id: Literal["always", "trusted", "never"] = Field(
+        "always", description="whose valid X-Request-ID is kept"
+    )
+    trace_sampled: bool = Field(False, description="flags 01 on traces the gateway starts")
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """The trusted peers as network objects (a bare IP is a /32 or /128)."""

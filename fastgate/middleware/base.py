@@ -14,6 +14,9 @@ from typing import Any, ClassVar, Protocol
 
 from fastgate._core.writer import reason_phrase
 
+# Response headers only the gateway writes on its own replies (one of each per response).
+_GATEWAY_OWNED = frozenset({"x-request-id", "traceresponse"})
+
 
 @dataclass(frozen=True, slots=True)
 class LocalReply:
@@ -29,9 +32,17 @@ class LocalReply:
         body = json.dumps({"error": message}).encode()
         return cls(status, body, tuple((k.replace("_", "-"), v) for k, v in headers.items()))
 
-    def encode(self, request_id: bytes, close: bool, head_only: bool = False) -> bytes:
+    def encode(
+        self,
+        request_id: bytes,
+        close: bool,
+        head_only: bool = False,
+        traceresponse: bytes | None = None,
+    ) -> bytes:
         """The whole response as bytes; a JSON error body gets the request id added.
-        `head_only` (a HEAD request): the same head, Content-Length included, no body."""
+        `head_only` (a HEAD request): the same head, Content-Length included, no body.
+        Every reply carries `X-Request-ID` and, given one, `traceresponse` (the gateway's
+        trace context, docs/observability.md): ours only, a middleware's copies are dropped."""
         body = self.body
         if self.content_type == "application/json" and body.startswith(b'{"error"'):
             body = body[:-1] + b',"request_id":"' + request_id + b'"}\n'
@@ -39,7 +50,11 @@ class LocalReply:
         if body or self.status >= 200:
             lines.append(f"Content-Type: {self.content_type}")
             lines.append(f"Content-Length: {len(body)}")
-        lines.extend(f"{k}: {v}" for k, v in self.headers)
+        lines.extend(f"{k}: {v}" for k, v in self.headers if k.lower() not in _GATEWAY_OWNED)
+        if request_id:
+            lines.append(f"X-Request-ID: {request_id.decode('latin-1')}")
+        if traceresponse:
+            lines.append(f"traceresponse: {traceresponse.decode('latin-1')}")
         if close:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

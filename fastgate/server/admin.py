@@ -1,10 +1,14 @@
-"""The admin listener (loopback by default): /healthz and /readyz for orchestrators.
+"""The admin listener (loopback by default): /healthz, /readyz and /metrics.
 
 `/healthz` answers 200 while the supervisor's loop runs (liveness). `/readyz` answers the
 supervisor's status document as JSON, 200 when every worker is ready and the gateway is not
-stopping, else 503 (readiness). GET and HEAD only (405 with `Allow` otherwise, RFC 9110
-§15.5.6); one request per connection, answered with `Connection: close`. The request head is
-bounded (8 KiB, 10 s); anything that does not parse as a request line gets 400.
+stopping, else 503 (readiness). `/metrics` answers the Prometheus exposition of the whole
+gateway (fastgate/metrics/collector.py): OpenMetrics when the Accept header asks for
+`application/openmetrics-text`, the text format 0.0.4 otherwise. GET and HEAD only (405 with
+`Allow` otherwise, RFC 9110 §15.5.6); one request per connection, answered with
+`Connection: close`. The request head is bounded (8 KiB, 10 s); anything that does not parse
+as a request line gets 400. The admin listener has no authentication: keep it on loopback or
+a private network (metrics carry route and server names, never credentials or client data).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastgate.config.schema import parse_address
+
+MetricsFn = Callable[[str], tuple[bytes, str]]  # Accept header -> (body, content type)
 
 log = logging.getLogger("fastgate.admin")
 
@@ -32,6 +38,15 @@ _REASONS = {
 }
 
 
+def _accept(head: bytes) -> str:
+    """The request's Accept header value ("" when absent)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"accept":
+            return value.strip().decode("latin-1")
+    return ""
+
+
 def _answer(
     method: bytes, path: bytes, status: Callable[[], dict[str, Any]]
 ) -> tuple[int, dict[str, Any]]:
@@ -45,8 +60,11 @@ def _answer(
     return (200 if doc.get("ready") else 503), doc
 
 
-async def start_admin(address: str, status: Callable[[], dict[str, Any]]) -> asyncio.AbstractServer:
-    """Serve the admin endpoints; `status()` describes the supervisor and its workers."""
+async def start_admin(
+    address: str, status: Callable[[], dict[str, Any]], metrics: MetricsFn | None = None
+) -> asyncio.AbstractServer:
+    """Serve the admin endpoints; `status()` describes the supervisor and its workers,
+    `metrics(accept)` renders /metrics (404 without it)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -60,23 +78,34 @@ async def start_admin(address: str, status: Callable[[], dict[str, Any]]) -> asy
             writer.close()
             return
         method = b""
+        ctype = "application/json"
+        body = b""
         try:
             parts = head.split(b"\r\n", 1)[0].split(b" ")
             if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
                 code, doc = 400, {"error": "bad request line"}
             else:
                 method = parts[0]
-                code, doc = _answer(method, parts[1].split(b"?", 1)[0], status)
+                path = parts[1].split(b"?", 1)[0]
+                if path == b"/metrics" and metrics is not None:
+                    if method in (b"GET", b"HEAD"):
+                        body, ctype = metrics(_accept(head))
+                        code, doc = 200, {}
+                    else:
+                        code, doc = 405, {"error": "method not allowed"}
+                else:
+                    code, doc = _answer(method, path, status)
         except Exception:
-            log.exception("admin: status failed")
-            code, doc = 500, {"error": "internal error"}
-        body = json.dumps(doc).encode() + b"\n"
+            log.exception("admin: request failed")
+            code, doc, ctype, body = 500, {"error": "internal error"}, "application/json", b""
+        if not body:
+            body = json.dumps(doc).encode() + b"\n"
         allow = b"Allow: GET, HEAD\r\n" if code == 405 else b""
         try:
             writer.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                 b"Cache-Control: no-store\r\n%sConnection: close\r\n\r\n"
-                % (code, _REASONS[code].encode(), len(body), allow)
+                % (code, _REASONS[code].encode(), ctype.encode("latin-1"), len(body), allow)
             )
             if method != b"HEAD":
                 writer.write(body)

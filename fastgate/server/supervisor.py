@@ -22,6 +22,12 @@ Stop (SIGTERM or SIGINT): `/readyz` turns 503, workers get SIGTERM and drain (dr
 a worker still running `drain_timeout + KILL_GRACE` seconds later is killed, then the admin
 listener and the demo origin close and the process exits 0.
 
+Metrics (DESIGN.md §6): each worker gets a slot number (the lowest free one; a restarted
+worker takes its predecessor's) and the path of its slot file in the start message; it counts
+there in C. `/metrics` on the admin listener sums every slot (fastgate/metrics/collector.py)
+and adds what only the supervisor knows: reloads, generation, workers' CPU and memory. The
+slot directory is removed when the supervisor exits.
+
 A worker that dies is restarted with the current config. Deaths in quick succession (uptime
 under STABLE_UPTIME) back off exponentially from RESTART_DELAY to MAX_RESTART_DELAY, so a
 worker that cannot start (its reason is logged and shown as `last_worker_error`) does not
@@ -43,6 +49,8 @@ from typing import Any
 from fastgate.config.compile import check_runtime
 from fastgate.config.schema import Config
 from fastgate.errors import ConfigError
+from fastgate.metrics.collector import GatewayCollector, GatewayState, build_registry, render
+from fastgate.metrics.slots import StatsDir, free_slot
 from fastgate.server.listener import check_bindable
 from fastgate.server.worker import config_payload
 from fastgate.tls.client import upstream_files
@@ -62,9 +70,10 @@ FileStamp = tuple[int, int, int, int]
 class WorkerHandle:
     """A running worker process and what it last reported."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, generation: int) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, generation: int, slot: int = 0) -> None:
         self.proc = proc
         self.pid = proc.pid
+        self.slot = slot  # its metric slot (fastgate/metrics/slots.py); reused on restart
         self.ready = False
         self.generation = generation  # the config generation it serves
         self.started = time.monotonic()
@@ -101,6 +110,11 @@ class Supervisor:
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.cancel_on_stop: set[asyncio.Task[Any]] = set()
+        # Metrics: the workers' slot files, and what only the supervisor counts.
+        self.stats_dir = StatsDir()
+        self.reload_counts = {"success": 0, "failure": 0}
+        self.loaded_at = time.time()
+        self.metrics_registry = build_registry(GatewayCollector(self.stats_dir, self.metrics_state))
 
     # ---- status ----------------------------------------------------------------------------
 
@@ -128,6 +142,25 @@ class Supervisor:
     def _live(self) -> list[WorkerHandle]:
         return [w for w in self.workers if not w.retiring]
 
+    def metrics_state(self) -> GatewayState:
+        """What /metrics needs from the supervisor (read at each scrape)."""
+        return GatewayState(
+            workers=[(w.slot, w.pid) for w in self.workers],
+            generation=self.generation,
+            reloads=dict(self.reload_counts),
+            last_reload=self.loaded_at,
+            servers=[
+                (name, server.url)
+                for name, svc in self.config.services.items()
+                for server in svc.servers
+            ],
+            tls_entrypoints=[n for n, ep in self.config.entrypoints.items() if ep.tls],
+        )
+
+    def metrics(self, accept: str) -> tuple[bytes, str]:
+        """The /metrics body and content type for a scrape's Accept header."""
+        return render(self.metrics_registry, accept)
+
     # ---- workers ---------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], stop_cancels: bool = False) -> None:
@@ -151,9 +184,17 @@ class Supervisor:
             log.error("%s", self.last_worker_error)
             self._schedule_restart(quick=True)
             return None
-        handle = WorkerHandle(proc, self.generation)
+        handle = WorkerHandle(proc, self.generation, free_slot(w.slot for w in self.workers))
         self.workers.append(handle)
-        self._send(handle, {"op": "start", "generation": self.generation, "config": self.payload})
+        self._send(
+            handle,
+            {
+                "op": "start",
+                "generation": self.generation,
+                "config": self.payload,
+                "stats": self.stats_dir.slot_path(handle.slot),
+            },
+        )
         self._spawn(self._watch(handle))
         log.info("worker %d started (generation %d)", handle.pid, self.generation)
         if self.stopping:  # stop() came while it was being spawned
@@ -275,6 +316,7 @@ class Supervisor:
             self._check(config)
         except ConfigError as exc:
             self.tls_stamps = tls_stamps
+            self.reload_counts["failure"] += 1
             self.last_reload = "refused: " + "; ".join(exc.lines())
             log.error(
                 "%s: new config refused, generation %d keeps serving:\n%s",
@@ -285,6 +327,7 @@ class Supervisor:
             return
         except Exception as exc:  # a bug here must not take the supervisor down
             self.tls_stamps = tls_stamps
+            self.reload_counts["failure"] += 1
             self.last_reload = f"refused: internal error: {exc}"
             log.exception(
                 "%s: reload failed, generation %d keeps serving", trigger, self.generation
@@ -323,6 +366,8 @@ class Supervisor:
         self.generation += 1
         self.payload = config_payload(config)
         self.last_reload = "ok"
+        self.reload_counts["success"] += 1
+        self.loaded_at = time.time()
         logging.getLogger().setLevel(config.log_level.upper())
         msg = {"op": "reload", "generation": self.generation, "config": self.payload}
         for handle in self._live():
@@ -369,6 +414,12 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
+        try:
+            return await self._run()
+        finally:
+            self.stats_dir.remove()
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
         loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
@@ -381,7 +432,7 @@ class Supervisor:
                 "entrypoint %s on %s://%s", name, "http" if ep.tls is None else "https", ep.address
             )
         if self.config.admin.enabled:
-            log.info("admin on http://%s (/healthz, /readyz)", self.config.admin.address)
+            log.info("admin on http://%s (/healthz, /readyz, /metrics)", self.config.admin.address)
         for _ in range(self.config.worker_count()):
             if self.stopping:
                 break
@@ -410,7 +461,9 @@ class Supervisor:
             wanted.append(("demo_origin.address", address, start_demo_origin(address)))
         if self.config.admin.enabled:
             address = self.config.admin.address
-            wanted.append(("admin.address", address, start_admin(address, self.status)))
+            wanted.append(
+                ("admin.address", address, start_admin(address, self.status, self.metrics))
+            )
         servers: list[asyncio.AbstractServer] = []
         for key, address, starting in wanted:
             try:

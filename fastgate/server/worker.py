@@ -18,6 +18,11 @@ use them and established connections are untouched. Turning TLS on or off, chang
 handshake_timeout or the client-certificate policy (client_auth, CA or CRL contents) moves
 the entrypoint to a new listener (like an address change; see fastgate/tls/server.py).
 
+Metrics: the start message names the worker's slot file (`stats`); the Engine counts there in
+C (fastgate/_core/stats.pyx), and a timer copies the Python-side tallies (rate-limit
+decisions, auth failures, TLS handshakes) into it once a second (fastgate/metrics/copier.py).
+A slot that cannot be opened is logged and the worker serves anyway, uncounted.
+
 Drain (SIGTERM/SIGINT, or stdin closing because the supervisor is gone): close the listeners,
 stop keep-alive (idle connections close now, busy ones after their response), wait for the
 in-flight requests up to drain_timeout, then exit; the process exit closes whatever is still
@@ -38,9 +43,11 @@ from typing import Any
 import uvloop
 
 from fastgate._core.conn import DownstreamProtocol, Engine, EntryPoint
+from fastgate._core.stats import Shard
 from fastgate.config.compile import Runtime, compile_runtime
 from fastgate.config.schema import Config, Entrypoint, parse_config
 from fastgate.errors import ConfigError
+from fastgate.metrics.copier import TallyCopier, copy_forever, copy_once
 from fastgate.server.dispatch import dispatch
 from fastgate.server.listener import bind
 from fastgate.tls.server import TlsListener, describe, listener_shape
@@ -61,12 +68,16 @@ class Worker:
         generation: int,
         status_fd: int | None,
         stopping: asyncio.Event | None = None,
+        stats_path: str | None = None,
     ) -> None:
         self.config = config
         self.generation = generation
         self.status_fd = status_fd
         self.loop = asyncio.get_running_loop()
-        self.engine = Engine(self.loop, dispatch, tick_interval=_tick_for(config))
+        shard = _open_slot(stats_path)
+        self.engine = Engine(self.loop, dispatch, tick_interval=_tick_for(config), shard=shard)
+        self.copier = TallyCopier(self.engine.shard)
+        self._copying: asyncio.Task[None] | None = None
         self.runtime: Runtime = compile_runtime(config, self.engine)
         self.entrypoints: dict[str, EntryPoint] = {}
         self.servers: dict[str, tuple[str, asyncio.AbstractServer]] = {}
@@ -82,6 +93,9 @@ class Worker:
         socks = _bind_all(self.config.entrypoints)
         for name, sock in socks.items():
             await self._serve(name, sock)
+        self._copying = self.loop.create_task(
+            copy_forever(self.copier, lambda: (self.runtime, self.tls))
+        )
 
     async def _serve(self, name: str, sock: socket.socket) -> None:
         ep = self.config.entrypoints[name]
@@ -230,6 +244,9 @@ class Worker:
             log.info("worker %d: %s", os.getpid(), line)
         self.engine.abort_all()
         self.engine.close()
+        if self._copying is not None:
+            self._copying.cancel()
+        copy_once(self.copier, self.runtime, self.tls)
         self.runtime.retire()
         return left
 
@@ -248,6 +265,17 @@ def _bind_all(entrypoints: Mapping[str, Entrypoint]) -> dict[str, socket.socket]
                 f"entrypoints.{name}.address", f"cannot listen on {ep.address}: {reason}"
             ) from None
     return socks
+
+
+def _open_slot(path: str | None) -> Shard | None:
+    """This worker's metric slot, or None (private counters) when it cannot be opened."""
+    if path is None:
+        return None
+    try:
+        return Shard(path)
+    except (OSError, ValueError) as exc:
+        log.error("worker %d: metrics slot %s unusable, not counting: %s", os.getpid(), path, exc)
+        return None
 
 
 def _tick_for(config: Config) -> float:
@@ -272,6 +300,7 @@ async def _main(
     control_fd: int | None,
     status_fd: int | None,
     pending: bytes = b"",
+    stats_path: str | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -280,7 +309,7 @@ async def _main(
     # Reloads come through the supervisor; a stray SIGHUP must not kill the worker.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     try:
-        worker = Worker(config, generation, status_fd, stop)
+        worker = Worker(config, generation, status_fd, stop, stats_path)
         await worker.start()
     except ConfigError as exc:
         reason = "; ".join(exc.lines())
@@ -306,9 +335,10 @@ def run_worker(
     control_fd: int | None = None,
     status_fd: int | None = None,
     pending: bytes = b"",
+    stats_path: str | None = None,
 ) -> int:
     """Run a worker until it is told to stop; returns the exit code."""
-    return uvloop.run(_main(config, generation, control_fd, status_fd, pending))
+    return uvloop.run(_main(config, generation, control_fd, status_fd, pending, stats_path))
 
 
 def config_payload(config: Config) -> dict[str, Any]:
@@ -343,6 +373,9 @@ def main() -> int:
         msg = json.loads(first)
         generation = int(msg.get("generation", 1))
         config = parse_config(msg["config"])
+        stats_path = msg.get("stats")
+        if stats_path is not None and not isinstance(stats_path, str):
+            raise TypeError("stats must be a path")
     except ConfigError as exc:
         reason = "; ".join(exc.lines())
         log.error("worker %d: cannot start: %s", os.getpid(), reason)
@@ -353,7 +386,7 @@ def main() -> int:
         return EXIT_START_FAILED
     logging.getLogger().setLevel(config.log_level.upper())
     os.set_blocking(0, False)
-    return run_worker(config, generation, control_fd=0, status_fd=status_fd, pending=pending)
+    return run_worker(config, generation, 0, status_fd, pending=pending, stats_path=stats_path)
 
 
 if __name__ == "__main__":

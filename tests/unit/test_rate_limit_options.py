@@ -483,8 +483,9 @@ def test_429_headers_and_body(style: str, expected: dict[str, str]) -> None:
     assert {
         k: v
         for k, v in headers.items()
-        if k not in ("Content-Type", "Content-Length", "Cache-Control")
+        if k not in ("Content-Type", "Content-Length", "Cache-Control", "X-Request-ID")
     } == expected
+    assert headers["X-Request-ID"] == "abc"
     assert headers["Content-Type"] == "application/json"
     assert headers["Cache-Control"] == "no-store"
     assert body == {"error": "slow down", "retry_after": 3, "request_id": "abc"}

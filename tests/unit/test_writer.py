@@ -221,6 +221,7 @@ def test_error_reply_is_short_json_with_the_request_id() -> None:
     assert b"Connection: close" in head
     assert f"Content-Length: {len(body)}".encode() in head
     assert json.loads(body) == {"error": "upstream 'x' failed", "request_id": "rid9"}
+    assert b"\r\nX-Request-ID: rid9\r\n" in head + b"\r\n"  # the header too, not only the body
     assert _build_error_reply(404, "no route", b"r", False, True).endswith(b"\r\n\r\n")
 
 

@@ -1,0 +1,84 @@
+# Per-worker metric shards in shared memory (DESIGN.md §6). Read this before stats.pyx.
+#
+# A Shard is one worker's slot: a file (tmpfs) mapped MAP_SHARED, written by that worker only
+# and read by the supervisor's /metrics collector. Label sets are registered at config compile
+# (name tables); per request the connection fills an ExchangeRecord and calls record_exchange.
+
+cdef enum:
+    ROWS = 4096                 # rows per table (bounded label sets); row 0 is the overflow row
+    NAME_BYTES = 256            # per name-table row: u16 length + labels joined by NUL
+    N_METHODS = 8               # GET HEAD POST PUT DELETE PATCH OPTIONS other
+    N_CLASSES = 5               # 1xx .. 5xx
+    N_BUCKETS = 15              # 14 finite bounds + +Inf (non-cumulative in the shard)
+
+cdef enum:                      # tables
+    K_ROUTE = 0                 # (entrypoint, route, service)
+    K_SERVER = 1                # (service, server)
+    K_ENTRY = 2                 # (entrypoint,)
+    K_RATE = 3                  # (route,)
+    K_AUTH = 4                  # (route, middleware, reason)
+    N_KINDS = 5
+
+# Word offsets inside one row of each table (u64 each).
+cdef enum:                      # K_ROUTE row words
+    RW_REQUESTS = 0                                     # [method][class]
+    RW_BUCKETS = RW_REQUESTS + N_METHODS * N_CLASSES    # [class][bucket]
+    RW_SUM_NS = RW_BUCKETS + N_CLASSES * N_BUCKETS      # [class]
+    RW_REQ_BYTES = RW_SUM_NS + N_CLASSES
+    RW_RESP_BYTES = RW_REQ_BYTES + 1
+    ROUTE_WORDS = 128
+
+cdef enum:                      # K_SERVER row words
+    SW_BUCKETS = 0                                      # [bucket]
+    SW_SUM_NS = N_BUCKETS
+    SW_CONNECT_ERRORS = SW_SUM_NS + 1
+    SW_TLS_ERRORS = SW_CONNECT_ERRORS + 1
+    SW_OPENED = SW_TLS_ERRORS + 1
+    SW_CLOSED = SW_OPENED + 1
+    SERVER_WORDS = 32
+
+cdef enum:                      # K_ENTRY row words
+    EW_OPENED = 0
+    EW_CLOSED = 1
+    EW_TLS_OK = 2
+    EW_TLS_FAILED = 3
+    ENTRY_WORDS = 8
+
+cdef enum:                      # K_RATE row words
+    AW_ALLOWED = 0
+    AW_LIMITED = 1
+    AW_FALLBACK = 2
+    RATE_WORDS = 4
+
+cdef enum:
+    AUTH_WORDS = 2              # [0]: failures
+
+cdef struct ExchangeRecord:
+    # One exchange as the connection saw it; filled from head to end, read at the one hook
+    # (ConnCore.end_exchange) where metrics are recorded and an access log would be written.
+    bint active                 # an exchange is in flight (recorded once, then cleared)
+    long long t_head_ns         # monotonic: request head complete (or the error noticed)
+    long long t_up_start_ns     # request head handed to the upstream connection (0: never)
+    long long t_up_end_ns       # upstream response complete (0: not completed)
+    long long t_end_ns          # the exchange ended
+    int status                  # status sent to the client (0: none was sent)
+    int method                  # 0..7, see method_class
+    long long req_bytes         # request body bytes received (wire framing)
+    long long resp_bytes        # response bytes sent to the client (head + body)
+    int ep_row                  # K_ENTRY row
+    int route_row               # K_ROUTE row
+    int server_row              # K_SERVER row (-1: not forwarded)
+
+cdef long long monotonic_ns() noexcept nogil
+cdef int method_class(bytes method) noexcept
+
+cdef class Shard:
+    cdef char *base
+    cdef size_t size
+    cdef readonly str path              # None: anonymous (private) memory
+    cdef dict rows                      # (kind, labels) -> row, for re-registration
+    cdef unsigned long long *words[N_KINDS]
+    cdef int nwords[N_KINDS]
+    cdef int register(self, int kind, tuple labels) except -1
+    cdef void record_exchange(self, ExchangeRecord *r) noexcept
+    cdef void add(self, int kind, int row, int word, unsigned long long n) noexcept
