@@ -114,10 +114,21 @@ cdef class CoreCheck:
     cdef object check(self, ConnCore conn, RequestHead head)
     cdef void complete(self, ConnCore conn)
 
+cdef class CredentialCache:
+    # Verified credentials of the route's first auth middleware, looked up in C so a repeat
+    # costs no Python at all: exact header value -> (deadline in monotonic ns, identity,
+    # upstream header lines). Filled and emptied by the middleware (Python), read here.
+    cdef readonly bytes header             # lowercase header name the credential is in
+    cdef dict entries
+    cdef readonly Py_ssize_t max_entries
+    cdef readonly unsigned long long hits
+    cdef tuple lookup(self, RequestHead h, long long now_ns)
+
 cdef class Route:
     cdef readonly str name
     cdef readonly tuple checks             # CoreCheck objects, run first, in C
     cdef readonly tuple chain              # middlewares, built once at compile
+    cdef readonly CredentialCache fast_auth  # chain[0]'s verified credentials, or None
     cdef readonly Service service
     cdef readonly bytes extra_headers      # preformatted request header lines
     cdef readonly tuple strip_headers      # lowercase names never passed upstream; None = none
@@ -164,6 +175,8 @@ cdef class ConnCore:
     cdef UpstreamCore up
     cdef bytes up_head
     cdef bytes up_extra                    # this request's header lines from middlewares
+    cdef readonly object fast_identity     # the identity a CredentialCache hit gave, or None
+    cdef readonly int chain_start          # 1 when that hit stands for chain[0]
     cdef long long req_remaining
     cdef int req_framing
     cdef ChunkedScanner req_chunks

@@ -53,11 +53,14 @@ import os
 from ssl import SSLError
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.tuple cimport PyTuple_GET_SIZE
+from libc.stdint cimport uint32_t
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.string cimport memcpy
 
 from fastgate._core.httphead cimport (
     RequestHead, ResponseHead, Limits, find_head_end, parse_request_head, parse_response_head,
+    header_name_is,
     FRAMING_NONE, FRAMING_LENGTH, FRAMING_CHUNKED, FRAMING_CLOSE, last_error_reason,
 )
 from fastgate._core.body cimport ChunkedScanner
@@ -348,10 +351,73 @@ cdef class CoreCheck:
         pass
 
 
+cdef class CredentialCache:
+    """Verified credentials of one auth middleware, for the C fast path (see conn.pxd).
+
+    Rules: a hit is an exact match of the whole header value (a dict compares the bytes), the
+    header must appear exactly once, and the entry's deadline (the credential's expiry or the
+    middleware's cache time, whichever is first) must not have passed at the request's
+    arrival. Anything else is a miss and the Python middleware decides, as without the cache.
+    The middleware puts entries only after a full verification and empties the cache whenever
+    what it verified against changes (key rotation, a store change), so a hit never outlives
+    the answer it stands for. Bounded: past `max_entries` the cache starts over."""
+
+    def __init__(self, bytes header, Py_ssize_t max_entries=10000):
+        if not header or header != header.lower():
+            raise ValueError("header must be a non-empty lowercase name")
+        self.header = header
+        self.entries = {}
+        self.max_entries = max_entries
+
+    def put(self, bytes value, double ttl, identity, bytes lines):
+        """Remember `value` (the header's whole value) as verified for `ttl` more seconds."""
+        if ttl <= 0 or self.max_entries <= 0:
+            return
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()
+        self.entries[value] = (monotonic_ns() + <long long>(ttl * 1e9), identity, lines or None)
+
+    def discard(self, bytes value):
+        self.entries.pop(value, None)
+
+    def clear(self):
+        self.entries.clear()
+
+    def __len__(self):
+        return len(self.entries)
+
+    def find(self, RequestHead h, double later=0.0):
+        """Python entry for tests: lookup() at now + `later` seconds."""
+        return self.lookup(h, monotonic_ns() + <long long>(later * 1e9))
+
+    cdef tuple lookup(self, RequestHead h, long long now_ns):
+        cdef const char *raw = PyBytes_AS_STRING(h.raw)
+        cdef const uint32_t *off
+        cdef const uint32_t *found = NULL
+        cdef Py_ssize_t i
+        cdef object entry
+        if not self.entries:
+            return None
+        for i in range(h.n_headers):
+            off = h.offs + 4 * i
+            if header_name_is(raw, off, PyBytes_AS_STRING(self.header),
+                              PyBytes_GET_SIZE(self.header)):
+                if found != NULL:
+                    return None     # twice: let the middleware refuse it
+                found = off
+        if found == NULL:
+            return None
+        entry = self.entries.get(PyBytes_FromStringAndSize(raw + found[2], found[3] - found[2]))
+        if entry is None or <long long>(<tuple>entry)[0] <= now_ns:
+            return None
+        self.hits += 1
+        return <tuple>entry
+
+
 cdef class Route:
     def __init__(self, str name, Service service, tuple chain=(), bytes extra_headers=None,
                  tuple checks=(), strip_headers=(), long long buffer_body=0,
-                 bytes response_headers=None, response_strip=()):
+                 bytes response_headers=None, response_strip=(), CredentialCache fast_auth=None):
         for c in checks:
             if not isinstance(c, CoreCheck):
                 raise TypeError(f"route {name!r}: {c!r} is not a CoreCheck")
@@ -380,6 +446,10 @@ cdef class Route:
             if not isinstance(n, bytes) or not n:
                 raise TypeError(f"route {name!r}: response_strip must be non-empty bytes")
         self.response_strip = names or None
+        # The first Python middleware's verified credentials, checked in C (CredentialCache).
+        if fast_auth is not None and not chain:
+            raise ValueError(f"route {name!r}: fast_auth stands for chain[0]; the chain is empty")
+        self.fast_auth = fast_auth
 
 
 cdef class UpstreamCore:
@@ -727,8 +797,23 @@ cdef class ConnCore:
 
     cdef bint run_chain(self):
         """Run the route's middleware chain (if any), then forward: the request head is
-        parsed and routed, and its body is either still to come or buffered whole."""
-        if self.route.chain:
+        parsed and routed, and its body is either still to come or buffered whole. A hit in
+        the route's CredentialCache stands for chain[0] (the auth middleware): its identity
+        and header lines are taken here and the chain starts after it."""
+        cdef tuple entry
+        cdef int start = 0
+        cdef Route route = self.route
+        self.fast_identity = None
+        if route.fast_auth is not None:
+            entry = route.fast_auth.lookup(self.head, self.rec.t_head_ns)
+            if entry is not None:
+                self.fast_identity = entry[1]
+                if entry[2] is not None:
+                    self.up_extra = (<bytes>entry[2] if self.up_extra is None
+                                     else self.up_extra + <bytes>entry[2])
+                start = 1
+        self.chain_start = start
+        if PyTuple_GET_SIZE(route.chain) > start:
             verdict = self.engine.dispatch(self, self.head)
             if verdict is not None:
                 return self.dispatch_verdict(verdict)

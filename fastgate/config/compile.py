@@ -230,6 +230,8 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             # static response headers alone: it costs nothing per request.
             chain = tuple(mw for mw in chain if getattr(mw, "on_request", None) is not None)
             checks, chain = split_chain(route.name, chain)
+            # The first Python middleware's verified credentials are looked up in C.
+            fast_auth = getattr(chain[0], "credential_cache", None) if chain else None
             try:
                 target = Route(
                     route.name,
@@ -240,6 +242,7 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
                     buffer_body=buffer_body,
                     response_headers=response_lines,
                     response_strip=response_strip,
+                    fast_auth=fast_auth,
                 )
                 target.stats_row = shard.register_route(ep_name, route.name, route.service)
                 target.stats_local = shard.register_route(ep_name, route.name, "")

@@ -42,6 +42,7 @@ from urllib.parse import parse_qsl
 
 from pydantic import field_validator
 
+from fastgate._core.conn import CredentialCache
 from fastgate.auth.common import AuthCommon, AuthOptions, parse_options
 from fastgate.auth.consumers import Consumer, Snapshot, StoreWatcher, default_store_path
 from fastgate.errors import ConfigError
@@ -130,6 +131,12 @@ class ApiKey:
         # new snapshot (any change to the store) empties it, so a revocation is never masked.
         self._snapshot: Snapshot | None = None
         self._verified: dict[bytes, tuple[float, Identity, bytes]] = {}
+        # The same answers for the C fast path (this middleware first on a route: a repeat
+        # runs no Python); emptied by the watcher the moment a new snapshot is installed, so
+        # a revocation reaches it within the watcher's interval like everything else.
+        self.credential_cache = CredentialCache(self._header, MAX_VERIFIED_KEYS)
+        self._on_snapshot = _clearer(self.credential_cache)
+        self.watcher.add_listener(self._on_snapshot)
         self._closed = False
 
     # ---- per request --------------------------------------------------------------------------
@@ -170,6 +177,9 @@ class ApiKey:
                 self._verified.clear()
             until = now + VERIFIED_TTL if expires is None else min(now + VERIFIED_TTL, expires)
             self._verified[key] = (until, identity, lines)
+            raw = ctx.head.get(self._header)
+            if raw is not None:  # the key came in the header: the C fast path may answer it
+                self.credential_cache.put(raw, until - now, identity, lines)
         self.common.admit(ctx, identity, lines)
         return None
 
@@ -198,6 +208,7 @@ class ApiKey:
         """Called when this config generation retires: release the shared watcher."""
         if not self._closed:
             self._closed = True
+            self.watcher.remove_listener(self._on_snapshot)
             self.watcher.stop()
 
     def stats(self) -> dict[str, Any]:
@@ -212,6 +223,15 @@ class ApiKey:
 
 
 _AMBIGUOUS = b"\x00ambiguous"  # a sentinel that no real key equals (keys are ASCII text)
+
+
+def _clearer(cache: CredentialCache) -> Any:
+    """A snapshot listener that empties `cache` (and holds nothing else)."""
+
+    def clear(_snapshot: Snapshot) -> None:
+        cache.clear()
+
+    return clear
 
 
 def _identity(consumer: Consumer) -> Identity:

@@ -63,6 +63,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from fastgate._core.conn import CredentialCache
 from fastgate.auth.common import COMMON_OPTIONS, AuthCommon
 from fastgate.auth.jwks import JwksSettings, KeyManager, check_url, key_shapes, token_kid
 from fastgate.errors import ConfigError
@@ -357,13 +358,21 @@ class JwtAuth:
         self._decode_options = {"require": list(opts.required_claims)}
         self._header = opts.token_from[1].encode("latin-1")
         self._cache: OrderedDict[bytes, tuple[float, Identity, bytes]] = OrderedDict()
+        # A token in a header is also remembered in C (when this middleware comes first on a
+        # route, the connection checks it there and no Python runs for a repeat): keyed by the
+        # header's whole value, for the same time as `_cache`, emptied with it.
+        self.credential_cache: CredentialCache | None = None
+        if opts.token_from[0] in ("bearer", "header") and opts.cache_size:
+            self.credential_cache = CredentialCache(self._header, opts.cache_size)
         self.clock = time.time
         self.verified = 0  # tokens verified with the key (cache misses that got that far)
-        # With a key set: a new set flushes the cache (its clear method is all the manager
-        # holds of this instance, so the manager's task never keeps the middleware alive).
+        # With a key set: a new set flushes the caches (a closure over the two caches is all
+        # the manager holds, so the manager's task never keeps the middleware alive).
         self.keys: KeyManager | None = None
         if opts.jwks is not None:
-            self.keys = KeyManager(opts.jwks, name, on_rotate=self._cache.clear)
+            self.keys = KeyManager(
+                opts.jwks, name, on_rotate=_flusher(self._cache, self.credential_cache)
+            )
 
     # ---- per request --------------------------------------------------------------------------
 
@@ -394,7 +403,11 @@ class JwtAuth:
             return self._refuse(ctx, _describe(exc))
         identity = self._identity(claims)
         lines = common.forward_lines(identity)
-        self._remember(token, claims, identity, lines)
+        if self._remember(token, claims, identity, lines) and self.credential_cache is not None:
+            raw = ctx.head.get(self._header)
+            if raw is not None:
+                ttl = float(claims["exp"]) - self.clock()
+                self.credential_cache.put(raw, ttl, identity, lines)
         common.admit(ctx, identity, lines)
         return None
 
@@ -497,17 +510,19 @@ class JwtAuth:
 
     def _remember(
         self, token: bytes, claims: dict[str, Any], identity: Identity, lines: bytes
-    ) -> None:
+    ) -> bool:
+        """Cache a verified token until its exp; False when it is not cached."""
         exp = claims.get("exp")
         size = self.options.cache_size
         # Without an exp there is no moment the answer stops being true: verify every time.
         if size == 0 or isinstance(exp, bool) or not isinstance(exp, int | float):
-            return
+            return False
         cache = self._cache
         cache[token] = (float(exp), identity, lines)
         cache.move_to_end(token)
         while len(cache) > size:
             cache.popitem(last=False)
+        return True
 
     def _refuse(self, ctx: RequestContext, description: str) -> LocalReply:
         return self.common.refuse(ctx, description, self._challenge(description))
@@ -526,6 +541,7 @@ class JwtAuth:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "cached": len(self._cache),
+            "fast_hits": self.credential_cache.hits if self.credential_cache is not None else 0,
             "verified": self.verified,
             "failures": dict(self.common.failures),
         }
@@ -537,6 +553,17 @@ class JwtAuth:
         """Retired by a reload: stop the key set's background refresh."""
         if self.keys is not None:
             self.keys.close()
+
+
+def _flusher(cache: OrderedDict[bytes, Any], fast: CredentialCache | None) -> Any:
+    """Empty both verification caches (on a key rotation)."""
+
+    def flush() -> None:
+        cache.clear()
+        if fast is not None:
+            fast.clear()
+
+    return flush
 
 
 def _describe(exc: Exception) -> str:

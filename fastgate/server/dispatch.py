@@ -14,16 +14,18 @@ from fastgate.middleware.base import LocalReply, RequestContext
 
 
 def dispatch(conn: Any, head: Any) -> Any:
-    """Run the route's chain for one request; see the module docstring for the result."""
-    ctx = RequestContext(conn, head)
-    i = 0
-    for mw in head.route.chain:
-        verdict = mw.on_request(ctx)
+    """Run the route's chain for one request; see the module docstring for the result.
+
+    When the route's CredentialCache answered for chain[0] in C, the connection carries that
+    identity (`fast_identity`) and the chain starts after it (`chain_start`)."""
+    ctx = RequestContext(conn, head, conn.fast_identity)
+    chain = head.route.chain
+    for i in range(conn.chain_start, len(chain)):
+        verdict = chain[i].on_request(ctx)
         if verdict is not None:
             if type(verdict) is LocalReply:
                 return verdict
-            return _resume(ctx, head.route.chain, i, verdict)
-        i += 1
+            return _resume(ctx, chain, i, verdict)
     return None
 
 
