@@ -33,6 +33,20 @@ T = TypeVar("T")
 MALFORMED = "malformed"
 
 
+def basic_or_verdict(ctx: Any, common: Any, missing: Any, malformed: Any) -> tuple[str, str] | Any:
+    """The request's (user, password) for a Basic middleware, or the verdict to return
+    instead: None (an optional middleware passes on; or the request is already identified)
+    or a LocalReply (`missing` / `malformed`, counted and audited by `common`)."""
+    if common.skip(ctx):
+        return None
+    credentials = parse_basic(ctx.head.get(b"authorization"))
+    if credentials is None:
+        return common.missing(ctx, missing)
+    if credentials == MALFORMED:
+        return common.refuse(ctx, "malformed credentials", malformed)
+    return credentials
+
+
 def parse_basic(value: bytes | None) -> tuple[str, str] | str | None:
     """(user, password) from an `Authorization` value; None when it is absent or another
     scheme; MALFORMED when it says Basic but does not decode to `user:password`."""
@@ -134,4 +148,11 @@ def shared_pool() -> BlockingPool:
     return _SHARED
 
 
-__all__ = ["MALFORMED", "BlockingPool", "SuccessCache", "parse_basic", "shared_pool"]
+__all__ = [
+    "MALFORMED",
+    "BlockingPool",
+    "SuccessCache",
+    "basic_or_verdict",
+    "parse_basic",
+    "shared_pool",
+]

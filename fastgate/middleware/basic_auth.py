@@ -48,7 +48,12 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import ConfigDict, Field
 
-from fastgate.auth.basic_credentials import BlockingPool, SuccessCache, parse_basic, shared_pool
+from fastgate.auth.basic_credentials import (
+    BlockingPool,
+    SuccessCache,
+    basic_or_verdict,
+    shared_pool,
+)
 from fastgate.auth.common import AuthCommon, AuthOptions, parse_options
 from fastgate.auth.passwords import load_htpasswd, verify_or_dummy
 from fastgate.errors import ConfigError
@@ -300,13 +305,9 @@ class BasicAuth:
         self, ctx: RequestContext
     ) -> LocalReply | Coroutine[Any, Any, LocalReply | None] | None:
         common = self.common
-        if common.skip(ctx):
-            return None
-        credentials = parse_basic(ctx.head.get(b"authorization"))
-        if credentials is None:
-            return common.missing(ctx, self._missing)
-        if isinstance(credentials, str):  # MALFORMED
-            return common.refuse(ctx, "malformed credentials", self._malformed)
+        credentials = basic_or_verdict(ctx, common, self._missing, self._malformed)
+        if type(credentials) is not tuple:
+            return credentials
         user, password = credentials
         source = self.source
         source.poll(self.pool)

@@ -62,7 +62,12 @@ from ldap3.utils.dn import parse_dn
 from pydantic import ConfigDict, Field, field_validator
 
 from fastgate.auth import ldap_directory as directory_mod
-from fastgate.auth.basic_credentials import BlockingPool, SuccessCache, parse_basic, shared_pool
+from fastgate.auth.basic_credentials import (
+    BlockingPool,
+    SuccessCache,
+    basic_or_verdict,
+    shared_pool,
+)
 from fastgate.auth.common import AuthCommon, AuthOptions, parse_options
 from fastgate.auth.ldap_directory import (
     DirectorySettings,
@@ -266,13 +271,9 @@ class LdapAuth:
 
     def on_request(self, ctx: RequestContext) -> LocalReply | Any | None:
         common = self.common
-        if common.skip(ctx):
-            return None
-        credentials = parse_basic(ctx.head.get(b"authorization"))
-        if credentials is None:
-            return common.missing(ctx, self._missing)
-        if isinstance(credentials, str):  # MALFORMED
-            return common.refuse(ctx, "malformed credentials", self._malformed)
+        credentials = basic_or_verdict(ctx, common, self._missing, self._malformed)
+        if type(credentials) is not tuple:
+            return credentials
         user, password = credentials
         if not password:  # never bind with it: RFC 4513 §5.1.2 unauthenticated bind
             return common.refuse(ctx, "empty password", self._invalid)
