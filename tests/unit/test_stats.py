@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from fastgate._core.stats import BUCKETS, OFFSETS, OVERFLOW, Shard
 
 from fastgate._core import stats
+
+BUCKETS, OFFSETS, OVERFLOW, Shard = stats.BUCKETS, stats.OFFSETS, stats.OVERFLOW, stats.Shard
 
 K_ROUTE, K_SERVER, K_ENTRY, K_RATE, K_AUTH = range(5)
 N_CLASSES, N_BUCKETS = 5, 15

@@ -25,6 +25,10 @@ from fastgate._core.conn import (
     ServerPool,
     Service,
 )
+from pydantic import ValidationError
+
+from fastgate._core.httphead import HF_TRACE, Limits, parse_request, parse_response
+from fastgate._core.router import Router, RouteSpec
 from fastgate._core.writer import (
     ForwardInfo,
     Trace,
@@ -34,10 +38,6 @@ from fastgate._core.writer import (
     _parse_traceparent,
     _trace_seed,
 )
-from pydantic import ValidationError
-
-from fastgate._core.httphead import HF_TRACE, Limits, parse_request, parse_response
-from fastgate._core.router import Router, RouteSpec
 from fastgate.config.schema import Forwarded
 from fastgate.middleware.base import LocalReply
 

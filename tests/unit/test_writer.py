@@ -3,6 +3,8 @@
 import json
 
 import pytest
+
+from fastgate._core.httphead import parse_request, parse_response
 from fastgate._core.writer import (
     ForwardInfo,
     _build_error_reply,
@@ -10,8 +12,6 @@ from fastgate._core.writer import (
     _build_response_head,
     _client_request_id,
 )
-
-from fastgate._core.httphead import parse_request, parse_response
 
 UNTRUSTED = ForwardInfo(b"192.0.2.7")
 TRUSTED = ForwardInfo(b"10.0.0.1", b"https", True, True)
