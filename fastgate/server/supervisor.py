@@ -1,6 +1,6 @@
 """The supervisor: validates config, runs N worker processes, reloads, drains, restarts.
 
-Workers are separate Python processes (`python -m fastgate.server.worker`) rather than forks
+Workers are separate Python processes (`fastgate.server.worker.main`) rather than forks
 of this one: the supervisor runs an asyncio loop, and a fork from inside a running loop would
 leave the child with the parent's loop state. Each worker binds its listeners with
 SO_REUSEPORT, so the kernel spreads connections across them and the supervisor never touches
@@ -44,8 +44,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
+import fastgate
 from fastgate.config.compile import check_runtime
 from fastgate.config.schema import Config
 from fastgate.errors import ConfigError
@@ -81,10 +83,19 @@ class WorkerHandle:
         self.error = ""  # why it could not start, when it said so
 
 
+# The workers import the very fastgate this process runs (installed, or a checkout on
+# PYTHONPATH): `python -m` would put the current directory first on sys.path, and from a
+# source checkout after `pip install .` that is a copy without the compiled extensions.
+PACKAGE_ROOT = str(Path(fastgate.__file__).resolve().parent.parent)
+WORKER_CODE = (
+    "import sys; sys.path.insert(0, %r); from fastgate.server.worker import main; sys.exit(main())"
+)
+
+
 class Supervisor:
     """Owns the workers, the admin listener and the demo origin of one `fastgate run`."""
 
-    worker_argv: tuple[str, ...] = (sys.executable, "-m", "fastgate.server.worker")
+    worker_argv: tuple[str, ...] = (sys.executable, "-c", WORKER_CODE % PACKAGE_ROOT)
 
     def __init__(
         self,
