@@ -98,6 +98,7 @@ class AuthCommon:
         self.name = name
         self.type_name = type_name
         self.failures: Counter[str] = Counter()
+        self.route_failures: Counter[tuple[str, str]] = Counter()  # (route, reason): metrics
         self.headers = _forward_headers(options.get("forward_headers"), name)
         hide = options.get("hide_credentials", False)
         if not isinstance(hide, bool):
@@ -136,6 +137,7 @@ class AuthCommon:
     def refuse(self, ctx: RequestContext, reason: str, reply: LocalReply) -> LocalReply:
         """Count and audit a refusal (reason: a fixed phrase, never a credential)."""
         self.failures[reason] += 1
+        self.route_failures[(getattr(ctx.head.route, "name", ""), reason)] += 1
         audit_deny(ctx, self.type_name, self.name, reply.status, reason)
         return reply
 

@@ -9,8 +9,9 @@ Rules this file obeys:
   double-counts nor goes back. An object that left the runtime is read one last time, then
   forgotten.
 - Labels are bounded: middleware and route names come from the config, reasons are the fixed
-  audit phrases. A middleware's tallies are not split by route: the label is the one route
-  that uses it, or "_other" when several do.
+  audit phrases. Auth refusals are tallied by (route, reason) where they happen
+  (`route_failures`); other tallies are not split by route: the label is the one route that
+  uses the middleware, or "_other" when several do.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def rate_decisions(mw: Any) -> tuple[int, int, int]:
     return max(decided - limited, 0), limited + busy, stats.get("local_decisions", 0)
 
 
-def auth_failures(mw: Any) -> Mapping[str, int]:
-    """reason -> count of one auth middleware (AuthCommon.failures) or authorize (denials)."""
+def auth_failures(mw: Any) -> Mapping[tuple[str, str], int]:
+    """(route, reason) -> count of one auth middleware (AuthCommon.route_failures) or
+    authorize (its own route_failures); route "" when the refusal had no route."""
     common = getattr(mw, "common", None)
-    failures = getattr(common, "failures", None)
+    failures = getattr(common, "route_failures", None)
     if failures is None:
-        failures = getattr(mw, "denials", None)
+        failures = getattr(mw, "route_failures", None)
     return failures if isinstance(failures, Mapping) else {}
 
 
@@ -103,10 +105,10 @@ class TallyCopier:
                 if n:
                     self.shard.add_count(K_RATE, row, OFFSETS[word], n)
             return
-        for reason, value in list(auth_failures(mw).items()):
-            n = self._delta(mw, reason, value)
+        for (where, reason), value in list(auth_failures(mw).items()):
+            n = self._delta(mw, (where, reason), value)
             if n:
-                row = self.shard.register_auth(route, name, str(reason))
+                row = self.shard.register_auth(where, name, str(reason))
                 self.shard.add_count(K_AUTH, row, OFFSETS["failures"], n)
 
 

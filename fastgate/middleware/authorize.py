@@ -337,6 +337,7 @@ class Authorize:
             k.encode("latin-1"): v for k, v in rules.items()
         }
         self.denials: Counter[str] = Counter()
+        self.route_failures: Counter[tuple[str, str]] = Counter()  # (route, reason): metrics
 
     def on_request(self, ctx: RequestContext) -> LocalReply | None:
         identity = ctx.identity
@@ -359,6 +360,7 @@ class Authorize:
         if self.dry_run:
             reason = DRY_RUN + reason
         self.denials[reason] += 1
+        self.route_failures[(getattr(ctx.head.route, "name", ""), reason)] += 1
         audit_deny(ctx, self.type, self.name, reply.status, reason)
         return None if self.dry_run else reply
 

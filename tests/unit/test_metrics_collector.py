@@ -165,11 +165,14 @@ def test_copier_adds_growth_once_and_survives_a_reload(tmp_path: Path) -> None:
 def test_copier_auth_failures_and_tls(tmp_path: Path) -> None:
     shard = Shard(str(tmp_path / "slot-0"))
     copier = TallyCopier(shard)
-    auth = SimpleNamespace(type="api_key", common=SimpleNamespace(failures={"unknown key": 2}))
+    failures = {("a", "unknown key"): 2, ("b", "unknown key"): 1}
+    auth = SimpleNamespace(type="api_key", common=SimpleNamespace(route_failures=failures))
     tls = SimpleNamespace(completed=5, failed=1)
     copier.copy(runtime_with({"keys": auth}, {"a": ["keys"], "b": ["keys"]}), {"secure": tls})
-    # Used by two routes: the tally cannot be split, so it is labelled "_other".
-    assert dict(shard.table(K_AUTH))[("_other", "keys", "unknown key")][0] == 2
+    # Used by two routes: refusals are tallied where they happened, route by route.
+    table = dict(shard.table(K_AUTH))
+    assert table[("a", "keys", "unknown key")][0] == 2
+    assert table[("b", "keys", "unknown key")][0] == 1
     e = dict(shard.table(K_ENTRY))[("secure",)]
     assert (e[OFFSETS["tls_ok"]], e[OFFSETS["tls_failed"]]) == (5, 1)
 
