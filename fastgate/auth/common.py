@@ -137,9 +137,14 @@ class AuthCommon:
     def refuse(self, ctx: RequestContext, reason: str, reply: LocalReply) -> LocalReply:
         """Count and audit a refusal (reason: a fixed phrase, never a credential)."""
         self.failures[reason] += 1
-        self.route_failures[(getattr(ctx.head.route, "name", ""), reason)] += 1
+        self.route_failures[(route_name(ctx), reason)] += 1
         audit_deny(ctx, self.type_name, self.name, reply.status, reason)
         return reply
+
+
+def route_name(ctx: RequestContext) -> str:
+    """The name of the request's route ("" when it has none)."""
+    return getattr(getattr(ctx.head, "route", None), "name", "") or ""
 
 
 def audit_deny(ctx: RequestContext, kind: str, name: str, status: int, reason: str) -> None:
@@ -153,7 +158,7 @@ def audit_deny(ctx: RequestContext, kind: str, name: str, status: int, reason: s
         "reason": reason,
         "middleware": name,
         "type": kind,
-        "route": getattr(head.route, "name", ""),
+        "route": route_name(ctx),
         "client_ip": getattr(ctx.conn, "client_ip", ""),
         "method": head.method.decode("latin-1"),
         "path": head.path.decode("latin-1"),
@@ -244,4 +249,5 @@ __all__ = [
     "audit_deny",
     "encode_identity_headers",
     "parse_options",
+    "route_name",
 ]

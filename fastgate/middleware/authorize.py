@@ -61,7 +61,7 @@ from pydantic import (
     model_validator,
 )
 
-from fastgate.auth.common import audit_deny
+from fastgate.auth.common import audit_deny, route_name
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
 from fastgate.middleware.registry import register
@@ -360,7 +360,7 @@ class Authorize:
         if self.dry_run:
             reason = DRY_RUN + reason
         self.denials[reason] += 1
-        self.route_failures[(getattr(ctx.head.route, "name", ""), reason)] += 1
+        self.route_failures[(route_name(ctx), reason)] += 1
         audit_deny(ctx, self.type, self.name, reply.status, reason)
         return None if self.dry_run else reply
 

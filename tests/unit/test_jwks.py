@@ -356,7 +356,8 @@ def test_first_request_awaits_the_first_fetch_then_synchronous(idp: Issuer) -> N
 @pytest.mark.parametrize("mode", ["refuse", "hang", "error"])
 def test_no_keys_yet_fails_closed(idp: Issuer, mode: str) -> None:
     idp.down(mode)
-    mw = middleware(idp, jwks_timeout=0.5)
+    # A long refresh window: a slow machine must not reach the next fetch within the test.
+    mw = middleware(idp, jwks_timeout=0.5, jwks_min_refresh=60, jwks_refresh=300)
     tok = idp.token("a")
 
     async def body() -> None:
