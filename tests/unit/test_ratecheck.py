@@ -6,12 +6,12 @@ must produce, part by part, from the same request.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conn_harness import FakeTransport, running_engine
 from fastgate._core.conn import DownstreamProtocol, Engine, EntryConfig, EntryPoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -272,34 +272,9 @@ def test_display_hides_header_values() -> None:
 # ---- a real connection ---------------------------------------------------------------------
 
 
-class FakeTransport:
-    def __init__(self, peer: tuple[str, int]) -> None:
-        self.peer = peer
-        self.written: list[bytes] = []
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def close(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    loop = asyncio.new_event_loop()
-    eng = Engine(loop, None, tick_interval=1.0)
-    yield eng
-    eng.close()
-    loop.close()
+    yield from running_engine()
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ line; every response to the client carries our X-Request-ID and traceresponse (o
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import re
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conn_harness import FakeTransport, running_engine
 from fastgate._core.conn import (
     DownstreamProtocol,
     Engine,
@@ -358,36 +358,9 @@ def test_forwarded_trust_option_refuses_unknown_modes(key: str) -> None:
 # ---- a real client connection (ConnCore) ---------------------------------------------------------
 
 
-class FakeTransport:
-    """The asyncio transport a ConnCore writes to (the connection itself is real)."""
-
-    def __init__(self, peer: tuple[str, int]) -> None:
-        self.peer = peer
-        self.written: list[bytes] = []
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def close(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    loop = asyncio.new_event_loop()
-    eng = Engine(loop, None, tick_interval=1.0)
-    yield eng
-    eng.close()
-    loop.close()
+    yield from running_engine()
 
 
 def exchange(engine: Engine, peer: str, cfg_options: dict, *lines: str) -> tuple[dict, Any]:
