@@ -27,6 +27,11 @@ Method (benchmarks/README.md has the details):
   wrk speaks https. A probe first shows the certificate verifies against the run's CA and
   whether a session resumes. Reported besides: req/s and CPU ratios to the plain counterpart
   and fastgate-tls to nginx-tls, in the same round.
+- Access-log target (`fastgate-log`; benchmarks/log_targets.py): plain `fastgate`'s config
+  with the JSON access log to a file in the run's directory; a probe first shows a request
+  is logged, and around every run the lines written are compared with the requests wrk
+  counted (drops from /metrics). Reported besides: the req/s and CPU ratios to plain
+  `fastgate` in the same round, and lines / requests / drops.
 - Scenarios are `keep-alive` (wrk's connections stay open) or, with `--handshake close`,
   `close`: wrk sends `Connection: close`, so every request pays a new TCP connection (and a
   TLS handshake, resumed from wrk's previous session) on the target. A check first shows
@@ -66,6 +71,14 @@ from types import FrameType
 from typing import IO, Any
 
 from auth_targets import AUTH_TARGETS, auth_middleware, fastgate_cli
+from log_targets import (
+    LOG_TARGETS,
+    AccessLogFile,
+    LogCheckError,
+    log_config,
+    log_summary,
+    probe_line,
+)
 from tls_targets import (
     FASTGATE_TLS,
     KEY_TYPE,
@@ -93,12 +106,14 @@ RL_TARGETS = {
     "fastgate-rl-redis": "redis",
 }
 ALL_TARGETS = (
-    "origin", "nginx", "haproxy", "fastgate", *RL_TARGETS, *AUTH_TARGETS, *TLS_TARGETS
+    "origin", "nginx", "haproxy", "fastgate", *RL_TARGETS, *AUTH_TARGETS, *TLS_TARGETS,
+    *LOG_TARGETS,
 )  # fmt: skip
 # How wrk's connections live: `keep-alive`, or `close` (a new connection per request).
 HANDSHAKES = ("keep-alive", "close")
-# Targets with a middleware on the route, compared with plain `fastgate` in the same round.
-MIDDLEWARE_TARGETS = (*RL_TARGETS, *AUTH_TARGETS)
+# Targets with a middleware on the route (or the access log on), compared with plain
+# `fastgate` in the same round.
+MIDDLEWARE_TARGETS = (*RL_TARGETS, *AUTH_TARGETS, *LOG_TARGETS)
 DEFAULT_TARGETS = ("origin", "nginx", "haproxy", "fastgate", "fastgate-rl-local")
 BASELINE = "nginx"
 FASTGATE = "fastgate"  # the baseline of the rate-limit targets: the same proxy, no middleware
@@ -185,6 +200,7 @@ class Target:
     headers: tuple[tuple[str, str], ...] = ()  # sent on every request (an auth credential)
     scheme: str = "http"  # "https": a TLS target
     ca_file: Path | None = None  # the CA that signed an https target's certificate
+    access_log: AccessLogFile | None = None  # a log target's access log, counted per run
 
     def url(self, path: str) -> str:
         """The URL of `path` on this target, as wrk is given it."""
@@ -241,6 +257,9 @@ class Run:
     # Redis targets: what the run cost Redis (`RedisServer.delta`), else None.
     redis: dict[str, Any] | None = None
     handshake: str = "keep-alive"  # the scenario's: "keep-alive" or "close"
+    # Log targets: lines written during the warm-up and recorded runs against the requests
+    # wrk counted in both (`AccessLogFile.delta`), else None.
+    access_log: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -836,6 +855,29 @@ def start_auth_target(
     return Target(name, port, proc, log, proxied=True, headers=(header,))
 
 
+def start_log_target(procs: Processes, name: str, origin_port: int) -> Target:
+    """Start the access-log target after showing that a request is logged: a GET / must
+    appear in the file as a JSON access line with status 200."""
+    log = AccessLogFile(procs.workdir / f"{name}.access.log", free_port())
+    config = log_config(free_port(), origin_port, log.admin_port, log.path)
+    proc, plog, port, _ = start_rl_gateway(procs, name, config)
+    start = log.size()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Host": "bench.local"})
+        conn.getresponse().read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchError(f"{name}: access-log probe: {exc!r}") from exc
+    finally:
+        conn.close()
+    try:
+        doc = probe_line(log, start)
+    except LogCheckError as exc:
+        raise BenchError(f"{name}: {exc}") from exc
+    print(f"check: {name}: GET / logged to {log.path.name} ({doc['duration_ms']} ms)")
+    return Target(name, port, proc, plog, proxied=True, access_log=log)
+
+
 def start_tls_target(
     procs: Processes, name: str, origin_port: int, files: TlsFiles, probes: dict[str, dict]
 ) -> Target:
@@ -957,6 +999,8 @@ def start_targets(
             targets[name] = start_rl_target(procs, name, origin_port, summaries)
         elif name in AUTH_TARGETS:
             targets[name] = start_auth_target(procs, name, origin_port, summaries)
+        elif name in LOG_TARGETS:
+            targets[name] = start_log_target(procs, name, origin_port)
         elif name in TLS_TARGETS and tls_files is not None:
             targets[name] = start_tls_target(procs, name, origin_port, tls_files, tls_probes)
     return origin, targets, expected
@@ -1176,8 +1220,8 @@ def measure(
 ) -> Run:
     """A warm-up run (not recorded), then a recorded run with the proxy's and origin's CPU
     (and, for a target with a Redis, what the run cost Redis)."""
-    if warmup > 0:
-        run_wrk(procs, target, scenario, warmup)
+    log_mark = target.access_log.mark() if target.access_log else None
+    warm = run_wrk(procs, target, scenario, warmup) if warmup > 0 else None
     proxy_pids = process_tree(target.proc.pid) if target.proxied else []
     origin_pids = process_tree(origin.proc.pid)
     redis_before = target.redis.snapshot() if target.redis else None
@@ -1198,6 +1242,13 @@ def measure(
         errors += redis_errors
         ours[LOAD_CORE] += redis["cpu_us"] or 0.0
         errors += redis_use_errors(RL_TARGETS[target.name], redis, wrk.requests)
+    access_log = None
+    if target.access_log and log_mark:
+        counted = [r for r in (warm, wrk) if r is not None]
+        access_log = target.access_log.delta(
+            log_mark, sum(r.requests for r in counted), len(counted), scenario.connections
+        )
+        errors += access_log["errors"]
     if target.proc.poll() is not None:
         errors.append(f"{target.name} exited with status {target.proc.returncode}")
     if target.proxied and proxy_after.keys() != proxy_before.keys():
@@ -1222,6 +1273,7 @@ def measure(
         wrk_output=wrk.output,
         redis=redis,
         handshake=scenario.handshake,
+        access_log=access_log,
     )
 
 
@@ -1340,6 +1392,9 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
                 "rate_limit": rate_limit,
                 "vs_fastgate": vs_fastgate,
                 "tls": tls,
+                "access_log": log_summary([r.access_log for r in mine])
+                if name in LOG_TARGETS
+                else None,
             }
     return summary
 
@@ -1437,6 +1492,7 @@ def markdown(
         lines += ["", other_load_note([summary[sc.name][name] for name in targets]), ""]
         lines += rate_limit_table(summary[sc.name], targets, many)
         lines += auth_table(summary[sc.name], targets, many)
+        lines += log_table(summary[sc.name], targets, many)
         lines += tls_table(summary[sc.name], targets, many, sc.handshake)
     bad = [r for r in runs if not r.valid]
     if bad:
@@ -1509,6 +1565,43 @@ def auth_table(rows: dict[str, dict], targets: Sequence[str], many: bool) -> lis
             overhead,
             fmt_spread(row["cpu_us_per_req"], 1, many),
             fmt_spread(vs.get("cpu_ratio"), 2, many),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def log_table(rows: dict[str, dict], targets: Sequence[str], many: bool) -> list[str]:
+    """Under a scenario's table: the access-log target against plain fastgate in the same
+    round (overhead = 1 - req/s ratio, as for auth), and the lines it wrote against the
+    requests wrk counted (warm-ups included; a run may log the requests it left in flight)."""
+    names = [name for name in targets if name in LOG_TARGETS]
+    if not names:
+        return []
+    if FASTGATE not in targets:
+        return [f"(Log targets ran without `{FASTGATE}` among the targets: no ratios.)", ""]
+    lines = [
+        f"Access log on (JSON to a file; ratios to `{FASTGATE}` in the same round):",
+        "",
+        "| target | req/s | req/s ratio to fastgate | overhead (median) | CPU µs/req "
+        "| CPU ratio to fastgate | lines written | requests counted | dropped | bytes/line |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        row, vs = rows[name], rows[name]["vs_fastgate"] or {}
+        ratio, log = vs.get("rps_ratio"), rows[name]["access_log"] or {}
+        overhead = f"{(1 - ratio['median']) * 100:.1f}%" if ratio else DASH
+        per_line = log.get("bytes_per_line")
+        cells = [
+            name,
+            fmt_spread(row["rps"], 0, False),
+            fmt_spread(ratio, 2, many),
+            overhead,
+            fmt_spread(row["cpu_us_per_req"], 1, many),
+            fmt_spread(vs.get("cpu_ratio"), 2, many),
+            fmt_num(log["lines"]) if log else DASH,
+            fmt_num(log["requests"]) if log else DASH,
+            fmt_num(log["dropped"]) if log.get("dropped") is not None else DASH,
+            f"{per_line:.0f}" if per_line else DASH,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -1917,6 +2010,8 @@ def progress_line(run: Run, rounds: int) -> str:
         trips = run.redis["round_trips"]
         line += f"  redis {run.redis['scripts'] * per_k:.1f} scripts/1k"
         line += f" {trips * per_k:.1f} rt/1k" if trips is not None else ""
+    if run.access_log:
+        line += f"  log {run.access_log['lines']:,} lines / {run.access_log['requests']:,} req"
     return line
 
 

@@ -5,6 +5,7 @@ from fastgate._core.httphead cimport RequestHead, ResponseHead, Limits
 from fastgate._core.body cimport ChunkedScanner
 from fastgate._core.router cimport Router
 from fastgate._core.stats cimport Shard, ExchangeRecord
+from fastgate._core.accesslog cimport AccessLog
 from fastgate._core.writer cimport ForwardInfo, TraceCtx
 
 cdef enum ReqState:
@@ -45,6 +46,8 @@ cdef class Engine:
     cdef unsigned long long rid_counter
     cdef readonly bint draining
     cdef readonly Shard shard               # this worker's metric slot (stats.pxd)
+    cdef public AccessLog alog              # access/audit/span streams (fastgate/logs), or None
+    cdef public object client_resolver      # conn -> client IP bytes behind a trusted proxy
     cdef readonly unsigned long long requests     # requests whose head was parsed
     cdef readonly unsigned long long responses    # exchanges completed
     cdef readonly unsigned long long errors       # gateway-generated error replies
@@ -137,6 +140,10 @@ cdef class Route:
     cdef readonly tuple response_strip     # lowercase names dropped from responses; None = none
     cdef public int stats_row              # stats K_ROUTE row (entrypoint, route, service)
     cdef public int stats_local            # ... (entrypoint, route, ""): answered locally
+    cdef public int stats_rate             # stats K_RATE row (route,): its rate-limit decisions
+    cdef public unsigned int log_sample    # access log: u32 sample threshold (0 = off,
+                                           #   accesslog.SAMPLE_ALL = every request)
+    cdef public bint log_errors            # access log: status >= 400 (or none) always logged
 
 cdef class UpstreamCore:
     cdef object transport
@@ -177,6 +184,12 @@ cdef class ConnCore:
     cdef bytes up_extra                    # this request's header lines from middlewares
     cdef readonly object fast_identity     # the identity a CredentialCache hit gave, or None
     cdef readonly int chain_start          # 1 when that hit stands for chain[0]
+    cdef public object identity            # the chain's Identity (set by dispatch), or None
+    cdef public object deny_source         # who refused this request (middleware name), or None
+    cdef public object deny_reason         # why (a fixed phrase), with rec.deny
+    cdef bytes tls_name                    # negotiated TLS version for the log (lazy, per conn)
+    cdef ServerPool log_pool               # the server this exchange went to (access log)
+    cdef void log_exchange(self, AccessLog alog)
     cdef long long req_remaining
     cdef int req_framing
     cdef ChunkedScanner req_chunks

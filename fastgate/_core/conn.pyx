@@ -56,7 +56,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStri
 from cpython.tuple cimport PyTuple_GET_SIZE
 from libc.stdint cimport uint32_t
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
+from cpython.unicode cimport PyUnicode_Check
 
 from fastgate._core.httphead cimport (
     RequestHead, ResponseHead, Limits, find_head_end, parse_request_head, parse_response_head,
@@ -67,8 +68,9 @@ from fastgate._core.body cimport ChunkedScanner
 from fastgate._core.router cimport Router
 from fastgate._core.stats cimport (
     Shard, ExchangeRecord, monotonic_ns, method_class, K_ENTRY, K_SERVER, EW_OPENED, EW_CLOSED,
-    SW_OPENED, SW_CLOSED, SW_CONNECT_ERRORS, SW_TLS_ERRORS,
+    SW_OPENED, SW_CLOSED, SW_CONNECT_ERRORS, SW_TLS_ERRORS, RATE_NONE, DENY_NONE,
 )
+from fastgate._core.accesslog cimport AccessLog, LogFields, Text, SAMPLE_ALL
 from fastgate._core.writer cimport (
     ForwardInfo, build_request_head, build_response_head, build_error_reply, client_request_id,
     TraceCtx, trace_begin, trace_seed, trace_value, trust_allows, TRACE_NONE, TRACE_CONTINUED,
@@ -86,6 +88,39 @@ cdef enum:
 cdef double TLS_LOG_INTERVAL = 60.0   # seconds between logged TLS failures, per server
 _log = logging.getLogger("fastgate.upstream")
 
+
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+
+
+cdef inline void set_bytes(Text *t, bytes b) noexcept:
+    """Point a log Text at a bytes object (absent when None); the caller keeps b alive."""
+    if b is not None:
+        t.p = PyBytes_AS_STRING(b)
+        t.n = PyBytes_GET_SIZE(b)
+
+
+cdef inline void set_text(Text *t, object s):
+    """Point a log Text at a str's cached UTF-8 (absent unless a str); the caller keeps s
+    alive. A str that cannot be encoded (lone surrogates) is left absent."""
+    cdef Py_ssize_t n = 0
+    if s is not None and PyUnicode_Check(s):
+        try:
+            t.p = PyUnicode_AsUTF8AndSize(s, &n)
+            t.n = n
+        except UnicodeError:
+            t.p = NULL
+
+
+cdef inline void header_text(Text *t, RequestHead h, const char *name, Py_ssize_t n):
+    """Point a log Text at the first value of header `name` (lowercase) in h.raw."""
+    cdef Py_ssize_t i = h.find(name, n)
+    cdef const uint32_t *off
+    if i >= 0:
+        off = h.offs + 4 * i
+        t.p = PyBytes_AS_STRING(h.raw) + off[2]
+        t.n = off[3] - off[2]
 
 
 cdef class Engine:
@@ -450,6 +485,9 @@ cdef class Route:
         if fast_auth is not None and not chain:
             raise ValueError(f"route {name!r}: fast_auth stands for chain[0]; the chain is empty")
         self.fast_auth = fast_auth
+        # Logged by default; the compiler sets the route's access_log sample and errors rule.
+        self.log_sample = SAMPLE_ALL
+        self.log_errors = True
 
 
 cdef class UpstreamCore:
@@ -781,6 +819,7 @@ cdef class ConnCore:
         self.route = <Route>route
         h.route = route
         self.rec.route_row = self.route.stats_local
+        self.rec.rate_row = self.route.stats_rate
         self.rq = RQ_DISPATCH
         self.rs = RS_HEAD
         self.resp_started = False
@@ -965,6 +1004,7 @@ cdef class ConnCore:
                                           extra, self.route.strip_headers, &self.trace)
         self.rec.route_row = self.route.stats_row
         self.rec.server_row = pool.stats_row
+        self.log_pool = pool
         self.rec.t_up_start_ns = monotonic_ns()
         up.send(self.up_head)
         self.req_framing = h.framing
@@ -1325,7 +1365,12 @@ cdef class ConnCore:
         self.rec = ExchangeRecord(active=True, t_head_ns=monotonic_ns(), t_up_start_ns=0,
                                   t_up_end_ns=0, t_end_ns=0, status=0, method=7, req_bytes=0,
                                   resp_bytes=0, ep_row=ep_row,
-                                  route_row=self.ep.cfg.stats_noroute, server_row=-1)
+                                  route_row=self.ep.cfg.stats_noroute, server_row=-1,
+                                  rate=RATE_NONE, rate_row=0, deny=DENY_NONE)
+        if self.identity is not None:
+            self.identity = None
+        if self.log_pool is not None:
+            self.log_pool = None
 
     cdef void end_exchange(self):
         """THE exchange-end hook: every exchange ends here exactly once (finish_exchange,
@@ -1337,6 +1382,108 @@ cdef class ConnCore:
         self.rec.active = False
         self.rec.t_end_ns = self.rec.t_up_end_ns if self.rec.t_up_end_ns else monotonic_ns()
         self.engine.shard.record_exchange(&self.rec)
+        if self.engine.alog is not None:
+            self.log_exchange(self.engine.alog)
+        if self.rec.deny != DENY_NONE:
+            self.deny_source = None
+            self.deny_reason = None
+
+    cdef void log_exchange(self, AccessLog alog):
+        """Hand the finished exchange to the log streams that want it (accesslog.pxd): the
+        fields are pointers into objects held here, formatted in C; nothing is built when
+        no stream wants the exchange."""
+        cdef LogFields f
+        cdef Route route = self.route
+        cdef RequestHead h = self.head
+        cdef const char *tv = self.trace.value
+        cdef char flag = tv[54]       # low hex digit of the trace flags: bit 0 is "sampled"
+        cdef bint sampled = self.trace.state != TRACE_NONE and (
+            ((flag - 48) if flag <= 57 else (flag - 87)) & 1)
+        cdef int want
+        if route is not None:
+            want = alog.select(&self.rec, route.log_sample, route.log_errors, sampled)
+        else:
+            want = alog.select(&self.rec, alog.sample, alog.log_errors, sampled)
+        if want == 0:
+            return
+        memset(&f, 0, sizeof(f))
+        f.rec = &self.rec
+        # Every object a Text points into is held by a local until write() returns.
+        request_id = self.request_id
+        set_bytes(&f.request_id, request_id)
+        if self.trace.state != TRACE_NONE:
+            f.trace_id.p = tv + 3
+            f.trace_id.n = 32
+            f.span_id.p = tv + 36
+            f.span_id.n = 16
+            if self.trace.state == TRACE_CONTINUED:
+                f.parent_span_id.p = self.trace.parent
+                f.parent_span_id.n = 16
+            f.trace_sampled = sampled
+        fwd = self.fwd
+        if fwd is not None:
+            if self.fwd.trusted and self.engine.client_resolver is not None and h is not None:
+                # Behind a trusted proxy: the X-Forwarded-For walk (ratecheck), one call.
+                client_ip = self.engine.client_resolver(self)
+            else:
+                client_ip = self.fwd.client_ip
+            set_bytes(&f.client_ip, client_ip)
+        identity = self.identity if self.identity is not None else self.fast_identity
+        if identity is not None:
+            id_method = getattr(identity, "method", None)
+            id_subject = getattr(identity, "subject", None)
+            id_consumer = getattr(identity, "consumer", None)
+            set_text(&f.id_method, id_method)
+            set_text(&f.id_subject, id_subject)
+            set_text(&f.id_consumer, id_consumer)
+            if f.id_method.p == NULL:
+                f.id_method.p = "unknown"
+                f.id_method.n = 7
+        ep_name = self.ep.name
+        set_text(&f.entrypoint, ep_name)
+        if route is not None:
+            route_name = route.name
+            set_text(&f.route, route_name)
+            if route.service is not None:
+                service_name = route.service.name
+                set_text(&f.service, service_name)
+        pool = self.log_pool
+        if pool is not None:
+            server_url = pool.url
+            set_text(&f.server, server_url)
+        f.http_minor = -1
+        if h is not None:
+            set_bytes(&f.method, h.method)
+            set_bytes(&f.target, h.target)
+            f.http_minor = 1 if h.version == 11 else 0
+            header_text(&f.user_agent, h, b"user-agent", 10)
+            header_text(&f.referer, h, b"referer", 7)
+        if PyBytes_GET_SIZE(self.cfg.proto) == 5:      # b"https": a TLS entrypoint
+            if self.tls_name is None:
+                version = self.tls_version
+                self.tls_name = version.encode("ascii", "replace") if version else b""
+            if PyBytes_GET_SIZE(self.tls_name):
+                set_bytes(&f.tls_version, self.tls_name)
+        deny_source = self.deny_source
+        deny_reason = self.deny_reason
+        if self.rec.deny != DENY_NONE:
+            set_text(&f.deny_source, deny_source)
+            set_text(&f.deny_reason, deny_reason)
+        alog.write(&f, want)
+
+    def note_deny(self, int event, source, reason):
+        """The gateway's policy refused this request (a stats.DenyEvent): the audit stream
+        records who refused it and why. The first refusal of an exchange is kept."""
+        if not self.rec.active or self.rec.deny != DENY_NONE:
+            return
+        self.rec.deny = event
+        self.deny_source = source
+        self.deny_reason = reason
+
+    def note_rate(self, int outcome):
+        """A rate-limit decision on this request (stats.RateOutcome); the worst one counts."""
+        if self.rec.active and outcome > self.rec.rate:
+            self.rec.rate = outcome
 
     cdef void finish_exchange(self, bint close):
         """The response is out: close, or go back to reading the next request."""

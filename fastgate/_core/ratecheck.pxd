@@ -113,5 +113,8 @@ cdef class RateCheck(CoreCheck):
     cdef readonly object reject         # reject(index, Decision as tuple, key) -> reply
     cdef readonly object reject_busy    # reject_busy(key) -> reply (in_flight refused)
     cdef readonly bint skip_absent      # a key with an absent part is not limited
-    cdef readonly object fallback       # fallback(key) -> reply or None, while limits.down
+    cdef readonly object fallback       # fallback(conn, key) -> reply or None, while
+                                        #   limits.down (it notes its decision on conn)
+    cdef readonly str name              # the middleware's name: the audit line's deny source
     cdef object _decide(self, ConnCore conn, char *buf, Py_ssize_t n)
+    cdef void refused(self, ConnCore conn, object reason)

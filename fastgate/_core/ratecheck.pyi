@@ -13,6 +13,21 @@ from fastgate._core.httphead import RequestHead
 from fastgate._core.ratelimit import RateLimiter
 
 PART_KINDS: dict[str, int]  # const, route, addr, addr_text, header, absent, extra -> kind byte
+LIMIT_REASONS: tuple[str, ...]  # the audit reason of a refusal by limit i: "limit <i> exceeded"
+BUSY_REASON: str  # "too many in flight"
+UNAVAILABLE_REASON: str  # "rate limit store unavailable" (fail_closed while Redis is down)
+
+def resolved_client_ip(conn: Any) -> bytes:
+    """The client address of the request on client connection `conn` as text (b"" when
+    unknown): the peer, or behind a trusted proxy the X-Forwarded-For walk (the same as the
+    key's client_ip part). IPv4 dotted, IPv6 compressed (RFC 5952, as `ipaddress` writes it,
+    never masked), a v4-mapped address as IPv4, an element that does not parse as its text.
+    The access log calls it for connections from trusted proxies."""
+
+def client_ip_for(
+    peer: bytes, trusted: bool, trusted_nets: Iterable[Any], head: RequestHead | None = None
+) -> bytes:
+    """`resolved_client_ip` for a request from `peer` (address text) with `head`."""
 
 class NetSet:
     """Trusted proxy networks, matched in C."""
@@ -103,7 +118,8 @@ class RateCheck(CoreCheck):
     reject: Callable[[int, int, int, int, int, bytes], Any]
     reject_busy: Callable[[bytes], Any]
     skip_absent: bool
-    fallback: Callable[[bytes], Any] | None
+    fallback: Callable[[Any, bytes], Any] | None
+    name: str
     def __init__(
         self,
         keys: KeyBuilder,
@@ -112,6 +128,10 @@ class RateCheck(CoreCheck):
         reject: Callable[[int, int, int, int, int, bytes], Any],
         reject_busy: Callable[[bytes], Any],
         skip_absent: bool = False,
-        fallback: Callable[[bytes], Any] | None = None,
+        fallback: Callable[[Any, bytes], Any] | None = None,
+        name: str = "",
     ) -> None:
-        """`fallback(key)` decides (reply or None) instead while `limits.down`."""
+        """`fallback(conn, key)` decides (reply or None) instead while `limits.down`, and
+        notes its decision on `conn` (note_rate / note_deny). Every other decision is written
+        to the connection's exchange record in C: the rate outcome, and for a refusal the
+        deny event with `name` as its source and LIMIT_REASONS[i] or BUSY_REASON as why."""

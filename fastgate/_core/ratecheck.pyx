@@ -63,6 +63,25 @@
 # to its `fallback` (the Python path, which applies the outage policy): the only Python call
 # of the hybrid C path, and only then.
 #
+# What the exchange is told. The connection's ExchangeRecord (stats.pxd) carries the route's
+# rate-limit decision to the metrics and the access log at the exchange end, and a refusal to
+# the audit line. The check writes it with plain C field stores: `rec.rate` takes the worst of
+# its value and this decision (RATE_ALLOWED, or RATE_LIMITED for a refusal), and a refusal
+# that is the exchange's first sets `rec.deny` = DENY_RATE_LIMITED with `deny_source` (the
+# middleware's name) and `deny_reason` (a phrase preallocated at import: "limit <i> exceeded",
+# "too many in flight"), so an admitted request costs no Python call for it. While the hybrid
+# store is down the fallback (Python) decides and tells the connection itself (RATE_FALLBACK
+# for an admission by the outage policy). A request whose key has an absent part and is
+# skipped gets no decision (RATE_NONE).
+#
+# The client address for the access log (`resolved_client_ip`) is the same X-Forwarded-For
+# walk as the key's client_ip part, written as text: IPv4 dotted, IPv6 in the compressed form
+# of RFC 5952 §4 (lowercase, the longest run of two or more zero groups as "::", the first
+# such run on a tie: what `ipaddress` writes), never masked by ipv6_prefix, a v4-mapped
+# address as IPv4, an element that does not parse as its text. Its NetSets are cached per
+# EntryConfig in a module dict emptied when it reaches NETSET_CACHE entries, so reloads
+# cannot grow it.
+#
 # Bounds
 # ------
 # Per request (C path): one pass over the key parts; a header part is one Head.find (linear
@@ -84,6 +103,7 @@ from libc.string cimport memcmp, memcpy, memset
 from fastgate._core.conn cimport ConnCore, CoreCheck, EntryConfig
 from fastgate._core.httphead cimport HF_FORWARDED, RequestHead, header_name_is
 from fastgate._core.ratelimit cimport Decision, RateLimiter, monotonic_us
+from fastgate._core.stats cimport DENY_NONE, DENY_RATE_LIMITED, RATE_ALLOWED, RATE_LIMITED
 from fastgate._core.writer cimport ForwardInfo
 
 cdef extern from "<arpa/inet.h>" nogil:
@@ -103,6 +123,13 @@ cdef uint8_t V4_MAPPED[12]
 memset(V4_MAPPED, 0, 10)
 V4_MAPPED[10] = 0xFF
 V4_MAPPED[11] = 0xFF
+
+# The audit reasons of a refusal (one object each, made once: the C path only stores them).
+LIMIT_REASONS = tuple(f"limit {i} exceeded" for i in range(MAX_LIMITS))
+BUSY_REASON = "too many in flight"
+UNAVAILABLE_REASON = "rate limit store unavailable"
+cdef tuple _LIMIT_REASONS = LIMIT_REASONS
+cdef str _BUSY_REASON = BUSY_REASON
 
 _KINDS = {
     "const": PK_CONST,
@@ -232,6 +259,168 @@ cdef class NetSet:
         if family == 0:
             return False
         return self.contains(a, family)
+
+
+cdef int walk_client(bytes peer, bint trusted, NetSet nets, RequestHead head, uint8_t *a,
+                     const char **text, Py_ssize_t *tlen) noexcept:
+    """The client's address: the peer, or the X-Forwarded-For walk of the module docstring
+    when the peer is a trusted proxy (`nets` not None) and there is a head. Returns 4 or 6
+    with the address in `a` (16 bytes, IPv4 v4-mapped), or 0 with the address's text in
+    `text`/`tlen` (pointing into `peer` or `head.raw`)."""
+    cdef uint8_t left[16]
+    cdef int fam, left_fam = 0
+    cdef Py_ssize_t i, s, e, vs, ve, es, ee
+    cdef const char *raw
+    cdef const uint32_t *off
+    if trusted and nets is not None and head is not None and head.n_headers:
+        raw = PyBytes_AS_STRING(head.raw)
+        i = head.n_headers - 1
+        while i >= 0:
+            off = head.offs + 4 * i
+            if (head.flags[i] & HF_FORWARDED) and header_name_is(raw, off, "x-forwarded-for", 15):
+                vs = off[2]
+                ve = off[3]
+                e = ve
+                while e > vs:
+                    s = e
+                    while s > vs and raw[s - 1] != b',':
+                        s -= 1
+                    es = s
+                    ee = e
+                    while es < ee and is_ows(raw[es]):
+                        es += 1
+                    while ee > es and is_ows(raw[ee - 1]):
+                        ee -= 1
+                    e = s - 1
+                    if ee == es:
+                        continue        # an empty list element (RFC 9110 §5.6.1)
+                    fam = parse_ip(raw + es, ee - es, a)
+                    if fam == 0:
+                        text[0] = raw + es
+                        tlen[0] = ee - es
+                        return 0
+                    if not nets.contains(a, fam):
+                        return fam
+                    memcpy(left, a, 16)
+                    left_fam = fam
+            i -= 1
+        if left_fam:
+            memcpy(a, left, 16)
+            return left_fam
+    fam = parse_ip(PyBytes_AS_STRING(peer), PyBytes_GET_SIZE(peer), a)
+    if fam == 0:
+        text[0] = PyBytes_AS_STRING(peer)
+        tlen[0] = PyBytes_GET_SIZE(peer)
+    return fam
+
+
+cdef Py_ssize_t format_ip(int fam, const uint8_t *a, char *out) noexcept nogil:
+    """`a` (16 bytes as parse_ip writes them) as text into `out` (>= 40 bytes): IPv4 dotted
+    (family 4), IPv6 in the RFC 5952 §4 compressed form (family 6). Returns the length."""
+    cdef Py_ssize_t n = 0
+    cdef int i, v, best = -1, best_len = 0, run = 0
+    cdef unsigned int g
+    cdef unsigned int groups[8]
+    cdef const char *hexd = "0123456789abcdef"
+    if fam == 4:
+        for i in range(12, 16):
+            v = a[i]
+            if v >= 100:
+                out[n] = <char>(48 + v // 100)
+                n += 1
+            if v >= 10:
+                out[n] = <char>(48 + (v // 10) % 10)
+                n += 1
+            out[n] = <char>(48 + v % 10)
+            n += 1
+            if i < 15:
+                out[n] = b'.'
+                n += 1
+        return n
+    for i in range(8):
+        groups[i] = (<unsigned int>a[2 * i] << 8) | a[2 * i + 1]
+    for i in range(8):             # the longest run of zero groups, the first on a tie
+        if groups[i] == 0:
+            run += 1
+            if run > best_len:
+                best_len = run
+                best = i - run + 1
+        else:
+            run = 0
+    if best_len < 2:               # a single zero group is written, not compressed (§4.2.2)
+        best = -1
+    i = 0
+    while i < 8:
+        if i == best:
+            out[n] = b':'
+            out[n + 1] = b':'
+            n += 2
+            i += best_len
+            continue
+        if i and i != best + best_len:
+            out[n] = b':'
+            n += 1
+        g = groups[i]
+        if g >= 0x1000:
+            out[n] = hexd[g >> 12]
+            n += 1
+        if g >= 0x100:
+            out[n] = hexd[(g >> 8) & 15]
+            n += 1
+        if g >= 0x10:
+            out[n] = hexd[(g >> 4) & 15]
+            n += 1
+        out[n] = hexd[g & 15]
+        n += 1
+        i += 1
+    return n
+
+
+cdef enum:
+    NETSET_CACHE = 16               # EntryConfigs whose NetSet resolved_client_ip keeps
+
+cdef dict _netsets = {}             # EntryConfig -> NetSet, for resolved_client_ip
+
+
+def resolved_client_ip(ConnCore conn not None):
+    """The client address of the request on `conn`, as text bytes (b"" when unknown): the
+    peer, or behind a trusted proxy the X-Forwarded-For walk of the module docstring (the
+    access log calls it for connections from trusted proxies)."""
+    cdef ForwardInfo fwd = conn.fwd
+    cdef EntryConfig cfg = conn.cfg
+    cdef NetSet nets = None
+    cdef uint8_t a[16]
+    cdef char out[48]
+    cdef const char *text = NULL
+    cdef Py_ssize_t tlen = 0
+    cdef int fam
+    if fwd is None:
+        return b""
+    if fwd.trusted and cfg is not None:
+        nets = _netsets.get(cfg)
+        if nets is None:
+            if len(_netsets) >= NETSET_CACHE:
+                _netsets.clear()        # retired configs go; live ones come back on use
+            nets = NetSet(cfg.trusted_nets)
+            _netsets[cfg] = nets
+    fam = walk_client(fwd.client_ip, fwd.trusted, nets, conn.head, a, &text, &tlen)
+    if fam == 0:
+        return PyBytes_FromStringAndSize(text, tlen)
+    return PyBytes_FromStringAndSize(out, format_ip(fam, a, out))
+
+
+def client_ip_for(bytes peer not None, bint trusted, trusted_nets, RequestHead head=None):
+    """resolved_client_ip for a request from `peer` (address text) with `head`, `trusted`
+    saying whether the peer is a trusted proxy of `trusted_nets` (tests, tools)."""
+    cdef NetSet nets = NetSet(trusted_nets) if trusted else None
+    cdef uint8_t a[16]
+    cdef char out[48]
+    cdef const char *text = NULL
+    cdef Py_ssize_t tlen = 0
+    cdef int fam = walk_client(peer, trusted, nets, head, a, &text, &tlen)
+    if fam == 0:
+        return PyBytes_FromStringAndSize(text, tlen)
+    return PyBytes_FromStringAndSize(out, format_ip(fam, a, out))
 
 
 # ---- keys ------------------------------------------------------------------------------------
@@ -390,46 +579,10 @@ cdef class KeyBuilder:
         """The client address part: the peer, or the X-Forwarded-For walk of the module
         docstring when the peer is a trusted proxy."""
         cdef uint8_t a[16]
-        cdef uint8_t left[16]
-        cdef int fam, left_fam = 0
-        cdef Py_ssize_t i, s, e, vs, ve, es, ee
-        cdef const char *raw
-        cdef const uint32_t *off
-        if trusted and nets is not None and head.n_headers:
-            raw = PyBytes_AS_STRING(head.raw)
-            i = head.n_headers - 1
-            while i >= 0:
-                off = head.offs + 4 * i
-                if (head.flags[i] & HF_FORWARDED) and header_name_is(raw, off, "x-forwarded-for", 15):
-                    vs = off[2]
-                    ve = off[3]
-                    e = ve
-                    while e > vs:
-                        s = e
-                        while s > vs and raw[s - 1] != b',':
-                            s -= 1
-                        es = s
-                        ee = e
-                        while es < ee and is_ows(raw[es]):
-                            es += 1
-                        while ee > es and is_ows(raw[ee - 1]):
-                            ee -= 1
-                        e = s - 1
-                        if ee == es:
-                            continue        # an empty list element (RFC 9110 §5.6.1)
-                        fam = parse_ip(raw + es, ee - es, a)
-                        if fam == 0:
-                            return self.put_addr(buf, cap, pos, 0, a, raw + es, ee - es)
-                        if not nets.contains(a, fam):
-                            return self.put_addr(buf, cap, pos, fam, a, NULL, 0)
-                        memcpy(left, a, 16)
-                        left_fam = fam
-                i -= 1
-            if left_fam:
-                return self.put_addr(buf, cap, pos, left_fam, left, NULL, 0)
-        fam = parse_ip(PyBytes_AS_STRING(peer), PyBytes_GET_SIZE(peer), a)
-        return self.put_addr(buf, cap, pos, fam, a, PyBytes_AS_STRING(peer),
-                             PyBytes_GET_SIZE(peer))
+        cdef const char *text = NULL
+        cdef Py_ssize_t tlen = 0
+        cdef int fam = walk_client(peer, trusted, nets, head, a, &text, &tlen)
+        return self.put_addr(buf, cap, pos, fam, a, text, tlen)
 
     cdef tuple _key(self, bytes peer, bint trusted, NetSet nets, RequestHead head,
                     tuple extras, ConnCore conn):
@@ -637,7 +790,7 @@ cdef class RateCheck(CoreCheck):
     the rare path). With `skip_absent`, a request whose key has an absent part passes."""
 
     def __init__(self, KeyBuilder keys not None, LimitSet limits, InFlight inflight,
-                 reject, reject_busy, bint skip_absent=False, fallback=None):
+                 reject, reject_busy, bint skip_absent=False, fallback=None, str name=""):
         if keys.needs_extras:
             raise ValueError("a RateCheck key cannot use identity parts (extras)")
         if limits is None and inflight is None:
@@ -649,6 +802,7 @@ cdef class RateCheck(CoreCheck):
         self.reject_busy = reject_busy
         self.skip_absent = skip_absent
         self.fallback = fallback
+        self.name = name
 
     cdef object check(self, ConnCore conn, RequestHead head):
         cdef char stack[KEY_STACK]
@@ -685,18 +839,34 @@ cdef class RateCheck(CoreCheck):
             # The slot first: it is given back when the exchange ends, however it ends
             # (a refusal below included), and a request refused here spends no rate.
             if not self.inflight.acquire_c(conn, buf, n):
+                self.refused(conn, _BUSY_REASON)
                 return self.reject_busy(PyBytes_FromStringAndSize(buf, n))
             conn.add_done(self)
         if self.limits is not None:
             if self.limits.down and self.fallback is not None:
                 # The hybrid store is not synced (Redis down, or its sync task not started):
-                # its Python path applies the outage policy (fail_open / fail_closed).
-                return self.fallback(PyBytes_FromStringAndSize(buf, n))
+                # its Python path applies the outage policy (fail_open / fail_closed) and
+                # tells the connection what it decided.
+                return self.fallback(conn, PyBytes_FromStringAndSize(buf, n))
             i = self.limits.decide_c(buf, n, monotonic_us(), &d)
             if i >= 0:
+                self.refused(conn, _LIMIT_REASONS[i])
                 return self.reject(i, d.remaining, d.reset_after_us, d.retry_after_us,
                                    d.limit, PyBytes_FromStringAndSize(buf, n))
+        if conn.rec.active and conn.rec.rate < RATE_ALLOWED:
+            conn.rec.rate = RATE_ALLOWED
         return None
+
+    cdef void refused(self, ConnCore conn, object reason):
+        """The exchange's record: a rate-limit refusal, and its audit facts when it is the
+        exchange's first refusal (as ConnCore.note_deny keeps the first)."""
+        if not conn.rec.active:
+            return
+        conn.rec.rate = RATE_LIMITED
+        if conn.rec.deny == DENY_NONE:
+            conn.rec.deny = DENY_RATE_LIMITED
+            conn.deny_source = self.name
+            conn.deny_reason = reason
 
     cdef void complete(self, ConnCore conn):
         if self.inflight is not None:

@@ -17,7 +17,8 @@ cdef enum:                      # tables
     K_ENTRY = 2                 # (entrypoint,)
     K_RATE = 3                  # (route,)
     K_AUTH = 4                  # (route, middleware, reason)
-    N_KINDS = 5
+    K_LOG = 5                   # (stream,): access / audit / spans (fastgate/logs)
+    N_KINDS = 6
 
 # Word offsets inside one row of each table (u64 each).
 cdef enum:                      # K_ROUTE row words
@@ -53,9 +54,28 @@ cdef enum:                      # K_RATE row words
 cdef enum:
     AUTH_WORDS = 2              # [0]: failures
 
+cdef enum:                      # K_LOG row words (copied from the LogStreams once a second)
+    LW_LINES = 0                # lines written to the stream's buffer
+    LW_DROPPED = 1              # lines dropped: buffer full, or the writer fell behind
+    LOG_WORDS = 4
+
+cdef enum RateOutcome:          # ExchangeRecord.rate: the route's rate-limit decision
+    RATE_NONE = 0               # no rate limit decided on this request
+    RATE_ALLOWED = 1
+    RATE_FALLBACK = 2           # admitted by the outage policy (Redis unavailable)
+    RATE_LIMITED = 3            # refused (429, or 503 for in-flight / fail-closed)
+
+cdef enum DenyEvent:            # ExchangeRecord.deny: why the gateway refused (audit event)
+    DENY_NONE = 0
+    DENY_AUTH_FAILED = 1        # 401: missing or invalid credential
+    DENY_FORBIDDEN = 2          # 403: an authorization rule refused the identity
+    DENY_RATE_LIMITED = 3       # a rate limit or in-flight limit refused
+    DENY_IP = 4                 # an IP allow/deny list refused the client
+    DENY_AUTH_UNAVAILABLE = 5   # 503: what auth must ask is down (fail closed)
+
 cdef struct ExchangeRecord:
     # One exchange as the connection saw it; filled from head to end, read at the one hook
-    # (ConnCore.end_exchange) where metrics are recorded and an access log would be written.
+    # (ConnCore.end_exchange) where metrics are recorded and the access log is written.
     bint active                 # an exchange is in flight (recorded once, then cleared)
     long long t_head_ns         # monotonic: request head complete (or the error noticed)
     long long t_up_start_ns     # request head handed to the upstream connection (0: never)
@@ -68,6 +88,9 @@ cdef struct ExchangeRecord:
     int ep_row                  # K_ENTRY row
     int route_row               # K_ROUTE row
     int server_row              # K_SERVER row (-1: not forwarded)
+    int rate                    # a RateOutcome; the worst decision wins (LIMITED > FALLBACK > ALLOWED)
+    int rate_row                # K_RATE row of the route (counted when rate != RATE_NONE)
+    int deny                    # a DenyEvent (0: not refused by the gateway's policy)
 
 cdef long long monotonic_ns() noexcept nogil
 cdef int method_class(bytes method) noexcept

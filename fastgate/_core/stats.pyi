@@ -5,7 +5,7 @@ from typing import Final
 BUCKETS: Final[tuple[float, ...]]  # histogram upper bounds in seconds, the last is +Inf
 METHODS: Final[tuple[str, ...]]  # the `method` label values, index = method class
 CLASSES: Final[tuple[str, ...]]  # the `code_class` label values ("1xx" .. "5xx")
-KINDS: Final[tuple[str, ...]]  # table names by kind number: route server entry rate auth
+KINDS: Final[tuple[str, ...]]  # table names by kind number: route server entry rate auth log
 OVERFLOW: Final[tuple[tuple[str, ...], ...]]  # the labels of each table's row 0
 WORDS: Final[dict[str, int]]  # words per row of each table
 OFFSETS: Final[dict[str, int]]  # word offsets inside a row, by name
@@ -28,6 +28,7 @@ class Shard:
     def register_entry(self, entrypoint: str) -> int: ...
     def register_rate(self, route: str) -> int: ...
     def register_auth(self, route: str, middleware: str, reason: str) -> int: ...
+    def register_log(self, stream: str) -> int: ...
     def add_count(self, kind: int, row: int, word: int, n: int) -> None:
         """Add `n` to one word; IndexError outside the tables."""
     def record(
@@ -40,8 +41,11 @@ class Shard:
         resp_bytes: int = 0,
         server_row: int = -1,
         upstream_seconds: float = -1.0,
+        rate: int = 0,
+        rate_row: int = 0,
     ) -> None:
-        """Count one exchange as the connection does at its end (for tests)."""
+        """Count one exchange as the connection does at its end (for tests); `rate` is a
+        RateOutcome (0 none, 1 allowed, 2 fallback, 3 limited) counted on row `rate_row`."""
     @property
     def pid(self) -> int:
         """The pid of the process that last opened the slot for writing."""

@@ -60,7 +60,7 @@ cdef extern from *:
 
 cdef unsigned long long MAGIC = 0x3153544147544746   # "FGTGATS1": a slot file
 cdef enum:
-    VERSION = 1
+    VERSION = 2
     HEADER = 4096
     # Header words: 0 magic, 1 version, 2 size, 3 pid of the last writer, 8+kind: row counts.
     H_MAGIC = 0
@@ -78,11 +78,11 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
            10.0, float("inf"))
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other")
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-KINDS = ("route", "server", "entry", "rate", "auth")
+KINDS = ("route", "server", "entry", "rate", "auth", "log")
 OVERFLOW = (("", "_other", ""), ("_other", "_other"), ("_other",), ("_other",),
-            ("_other", "_other", "_other"))
+            ("_other", "_other", "_other"), ("_other",))
 WORDS = {"ROUTE": ROUTE_WORDS, "SERVER": SERVER_WORDS, "ENTRY": ENTRY_WORDS,
-         "RATE": RATE_WORDS, "AUTH": AUTH_WORDS}
+         "RATE": RATE_WORDS, "AUTH": AUTH_WORDS, "LOG": LOG_WORDS}
 # Word offsets, for the reader (fastgate/metrics/collector.py) and the copier.
 OFFSETS = {
     "requests": RW_REQUESTS, "buckets": RW_BUCKETS, "sum_ns": RW_SUM_NS,
@@ -91,7 +91,7 @@ OFFSETS = {
     "tls_errors": SW_TLS_ERRORS, "up_opened": SW_OPENED, "up_closed": SW_CLOSED,
     "conn_opened": EW_OPENED, "conn_closed": EW_CLOSED, "tls_ok": EW_TLS_OK,
     "tls_failed": EW_TLS_FAILED, "allowed": AW_ALLOWED, "limited": AW_LIMITED,
-    "fallback": AW_FALLBACK, "failures": 0,
+    "fallback": AW_FALLBACK, "failures": 0, "log_lines": LW_LINES, "log_dropped": LW_DROPPED,
 }
 
 
@@ -143,6 +143,7 @@ cdef size_t _layout(int *nwords, size_t *offsets) noexcept:
     nwords[K_ENTRY] = ENTRY_WORDS
     nwords[K_RATE] = RATE_WORDS
     nwords[K_AUTH] = AUTH_WORDS
+    nwords[K_LOG] = LOG_WORDS
     for k in range(N_KINDS):
         offsets[k] = at
         at += <size_t>ROWS * nwords[k] * 8
@@ -288,6 +289,9 @@ cdef class Shard:
     def register_auth(self, str route, str middleware, str reason):
         return self.register(K_AUTH, (route, middleware, reason))
 
+    def register_log(self, str stream):
+        return self.register(K_LOG, (stream,))
+
     # ---- counting ------------------------------------------------------------------------
 
     cdef void add(self, int kind, int row, int word, unsigned long long n) noexcept:
@@ -324,11 +328,17 @@ cdef class Shard:
                 d = 0
             s[SW_BUCKETS + bucket_of(d)] += 1
             s[SW_SUM_NS] += d
+        if r.rate != RATE_NONE:
+            # Per route, once per request: the worst of its rate-limit decisions.
+            self.words[K_RATE][<size_t>r.rate_row * RATE_WORDS
+                               + (AW_ALLOWED if r.rate == RATE_ALLOWED else
+                                  AW_FALLBACK if r.rate == RATE_FALLBACK else AW_LIMITED)] += 1
 
     def record(self, int route_row, int status, int method=0, double seconds=0.0,
                long long req_bytes=0, long long resp_bytes=0, int server_row=-1,
-               double upstream_seconds=-1.0):
-        """record_exchange from Python (tests): one exchange of `seconds`."""
+               double upstream_seconds=-1.0, int rate=0, int rate_row=0):
+        """record_exchange from Python (tests): one exchange of `seconds`; `rate` a
+        RateOutcome (0 none, 1 allowed, 2 fallback, 3 limited) counted on K_RATE `rate_row`."""
         cdef ExchangeRecord r
         if not (0 <= route_row < ROWS and -1 <= server_row < ROWS and 0 <= method < 8):
             raise IndexError("no such row")
@@ -341,6 +351,10 @@ cdef class Shard:
         r.req_bytes = req_bytes
         r.resp_bytes = resp_bytes
         r.server_row = server_row
+        if not (0 <= rate <= 3 and 0 <= rate_row < ROWS):
+            raise IndexError("no such rate outcome or row")
+        r.rate = rate
+        r.rate_row = rate_row
         if upstream_seconds >= 0:
             r.t_up_start_ns = 1
             r.t_up_end_ns = 1 + <long long>(upstream_seconds * 1e9)

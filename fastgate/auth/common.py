@@ -18,13 +18,20 @@ Rules this file obeys:
   it is then set from the identity, or left absent when the identity has no such value.
 - Values are made header-safe: control characters (CR, LF, NUL ...) are refused by dropping the
   header, and non-Latin-1 text is percent-encoded as UTF-8, so a claim can never split a head.
-- Refusals are counted by reason (`failures`) and written to the `fastgate.audit` logger with
-  route, client address, method, path and reason; never the credential.
+- Refusals are counted by reason (`failures`, and by (route, reason) in `route_failures` for the
+  metrics) and noted on the connection (`conn.note_deny(event, middleware name, reason)`): the
+  C side writes the audit line at the end of the exchange (route, client address, method,
+  path, request id, identity, who refused and why). The reason is a fixed phrase chosen by the
+  middleware, never a credential or a value taken from the request.
+- The audit event follows the reply's status: 5xx (what auth must ask is down, fail closed)
+  is DENY_AUTH_UNAVAILABLE, 403 (a relayed "not you") is DENY_FORBIDDEN, anything else (401, a
+  relayed redirect to a login page, ...) is DENY_AUTH_FAILED.
+- A connection without `note_deny` (a unit test's stand-in) is tolerated: the refusal is still
+  counted and returned.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections import Counter
 from typing import Any, TypeVar
@@ -32,10 +39,9 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fastgate._core.accesslog import DENY_AUTH_FAILED, DENY_AUTH_UNAVAILABLE, DENY_FORBIDDEN
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
-
-audit = logging.getLogger("fastgate.audit")
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 field-name
 _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs except HTAB
@@ -135,10 +141,11 @@ class AuthCommon:
             ctx.conn.add_upstream_headers(lines)
 
     def refuse(self, ctx: RequestContext, reason: str, reply: LocalReply) -> LocalReply:
-        """Count and audit a refusal (reason: a fixed phrase, never a credential)."""
+        """Count a refusal and note it on the connection for the audit line (reason: a fixed
+        phrase, never a credential)."""
         self.failures[reason] += 1
         self.route_failures[(route_name(ctx), reason)] += 1
-        audit_deny(ctx, self.type_name, self.name, reply.status, reason)
+        note_deny(ctx, deny_event(reply.status), self.name, reason)
         return reply
 
 
@@ -147,35 +154,21 @@ def route_name(ctx: RequestContext) -> str:
     return getattr(getattr(ctx.head, "route", None), "name", "") or ""
 
 
-def audit_deny(ctx: RequestContext, kind: str, name: str, status: int, reason: str) -> None:
-    """One audit record for a refused request: who (address, identity), what, why."""
-    if not audit.isEnabledFor(logging.INFO):
-        return
-    head = ctx.head
-    record = {
-        "event": "deny",
-        "status": status,
-        "reason": reason,
-        "middleware": name,
-        "type": kind,
-        "route": route_name(ctx),
-        "client_ip": getattr(ctx.conn, "client_ip", ""),
-        "method": head.method.decode("latin-1"),
-        "path": head.path.decode("latin-1"),
-        "request_id": _request_id(ctx),
-        "subject": ctx.identity.subject if ctx.identity is not None else None,
-    }
-    audit.info(
-        "deny %(status)s route=%(route)s client=%(client_ip)s %(method)s %(path)s "
-        "by %(middleware)s: %(reason)s",
-        record,
-        extra={"audit": record},
-    )
+def deny_event(status: int) -> int:
+    """The audit event (a stats.DenyEvent) of an auth refusal answered with `status`."""
+    if status >= 500:
+        return DENY_AUTH_UNAVAILABLE
+    if status == 403:
+        return DENY_FORBIDDEN
+    return DENY_AUTH_FAILED
 
 
-def _request_id(ctx: RequestContext) -> str:
-    rid = getattr(ctx.conn, "request_id", None)
-    return rid.decode("latin-1") if isinstance(rid, bytes) else ""
+def note_deny(ctx: RequestContext, event: int, source: str, reason: str) -> None:
+    """Tell the connection who refused this request and why (the C side writes the audit
+    line at the exchange end); a connection that cannot be told is left alone."""
+    note = getattr(ctx.conn, "note_deny", None)
+    if note is not None:
+        note(event, source, reason)
 
 
 def _forward_headers(value: Any, name: str) -> tuple[tuple[str, str], ...]:
@@ -246,8 +239,9 @@ __all__ = [
     "COMMON_OPTIONS",
     "AuthCommon",
     "AuthOptions",
-    "audit_deny",
+    "deny_event",
     "encode_identity_headers",
+    "note_deny",
     "parse_options",
     "route_name",
 ]

@@ -10,6 +10,12 @@ class refuses, a route path the router refuses. They are reported like schema er
 ConfigError listing every `(key path, reason)`. The supervisor runs `check_runtime` on every
 new config before any worker sees it, so a config that would not compile is refused as a
 whole, never half-applied.
+
+Each compiled Route carries its access-log rule (`log_sample`, a u32 threshold from
+accesslog.sample_threshold, and `log_errors`: the route's `access_log` settings over the
+global ones; `access_log: false` is 0 / False) and its K_RATE metric row (`stats_rate`), so
+the exchange end decides and counts in C. A change of these is a plain reload: the log
+streams themselves are not rebuilt for it (fastgate/logs/runtime.py).
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastgate._core import accesslog
 from fastgate._core.conn import Engine, EntryConfig, Route, ServerPool, Service
 from fastgate._core.httphead import Limits
 from fastgate._core.router import Router, RouteSpec
 from fastgate.config.schema import Config, UpstreamTls
+from fastgate.config.schema import Route as RouteConfig
 from fastgate.errors import ConfigError
 from fastgate.middleware import registry
 from fastgate.tls.client import build_client_context, server_hostname
@@ -36,6 +44,7 @@ __all__ = [
     "compile_runtime",
     "owned_headers",
     "response_headers",
+    "route_log_rule",
     "split_chain",
 ]
 
@@ -115,6 +124,22 @@ def response_headers(chain: tuple[Any, ...]) -> tuple[bytes | None, tuple[bytes,
         for name in getattr(mw, "strip_response_headers", ()):
             names[name.lower()] = None
     return (lines or None), tuple(names)
+
+
+def route_log_rule(config: Config, route: RouteConfig) -> tuple[int, bool]:
+    """(Route.log_sample, Route.log_errors) for `route`: its own `access_log` settings over
+    the global `access_log` ones; `access_log: false` is (0, False): never logged."""
+    rule = route.access_log
+    sample = config.access_log.sample
+    errors = config.access_log.always_log_errors
+    if rule is not None:
+        if not rule.enabled:
+            return 0, False
+        if rule.sample is not None:
+            sample = rule.sample
+        if rule.always_log_errors is not None:
+            errors = rule.always_log_errors
+    return accesslog.sample_threshold(sample), errors
 
 
 def _route_field(message: str) -> str:
@@ -246,6 +271,8 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
                 )
                 target.stats_row = shard.register_route(ep_name, route.name, route.service)
                 target.stats_local = shard.register_route(ep_name, route.name, "")
+                target.stats_rate = shard.register_rate(route.name)
+                target.log_sample, target.log_errors = route_log_rule(config, route)
                 specs.append(
                     RouteSpec(
                         target=target,

@@ -91,12 +91,27 @@ def _address(text: str) -> str:
     return text.strip()
 
 
+def _log_path(text: str) -> str:
+    if not text.strip():
+        raise ValueError('expected "-" (stdout), "stderr" or a file path')
+    return text.strip()
+
+
+def _log_format(text: str) -> str:
+    word = text.strip().lower()
+    if word not in ("json", "common", "combined"):
+        raise ValueError(f"expected json, common or combined, got {text!r}")
+    return word
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": _int,
     "float": _float,
     "bool": _bool,
     "level": _level,
     "address": _address,
+    "path": _log_path,
+    "log_format": _log_format,
 }
 
 
@@ -132,6 +147,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("FASTGATE_UPSTREAM_IDLE_TIMEOUT", "timeouts.upstream_idle", "float"),
     EnvVar("FASTGATE_POOL_MAX_IDLE", "pool.max_idle", "int"),
     EnvVar("FASTGATE_POOL_IDLE_TIMEOUT", "pool.idle_timeout", "float"),
+    EnvVar("FASTGATE_ACCESS_LOG_ENABLED", "access_log.enabled", "bool"),
+    EnvVar("FASTGATE_ACCESS_LOG_PATH", "access_log.path", "path"),
+    EnvVar("FASTGATE_ACCESS_LOG_FORMAT", "access_log.format", "log_format"),
+    EnvVar("FASTGATE_AUDIT_LOG_PATH", "audit_log.path", "path"),
     # The address of one named entrypoint: FASTGATE_ENTRYPOINT_WEB_ADDRESS sets entrypoint
     # `web`. The name is matched upper-cased, with `-` and `.` read as `_`.
     EnvVar("FASTGATE_ENTRYPOINT_<NAME>_ADDRESS", "entrypoints.<name>.address", "address"),

@@ -46,7 +46,9 @@ from pydantic import (
 from fastgate.errors import ConfigError
 
 __all__ = [
+    "AccessLog",
     "Admin",
+    "AuditLog",
     "Config",
     "DemoOrigin",
     "Entrypoint",
@@ -55,16 +57,19 @@ __all__ = [
     "Limits",
     "Match",
     "Middleware",
+    "OtlpExport",
     "Pool",
     "PoolOverride",
     "Providers",
     "RedisProvider",
     "RedisSentinel",
     "Route",
+    "RouteAccessLog",
     "Server",
     "Service",
     "Timeouts",
     "TlsCertificate",
+    "Tracing",
     "UpstreamTimeouts",
     "UpstreamTls",
     "cross_check",
@@ -417,6 +422,178 @@ class Match(_Model):
     methods: tuple[Method, ...] = Field((), description="uppercased; empty = any method")
 
 
+# --- logs ---------------------------------------------------------------------------------
+
+
+def _check_log_path(path: str) -> str:
+    if not path.strip():
+        raise ValueError('expected "-" (stdout), "stderr" or a file path')
+    if "\0" in path:
+        raise ValueError("a path cannot contain a NUL byte")
+    return path
+
+
+LogPath = Annotated[str, AfterValidator(_check_log_path)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+# The default keys whose query values the access log hides (compared case-insensitively,
+# after percent-decoding); the query parameters auth middlewares read credentials from are
+# added when the log is built (fastgate/logs/runtime.py).
+DEFAULT_REDACT_KEYS = (
+    "access_token",
+    "api_key",
+    "apikey",
+    "auth",
+    "client_secret",
+    "code",
+    "id_token",
+    "jwt",
+    "key",
+    "password",
+    "passwd",
+    "pwd",
+    "refresh_token",
+    "secret",
+    "session",
+    "sig",
+    "signature",
+    "token",
+)
+
+
+def _check_query_key(key: str) -> str:
+    if not key or len(key) > 256 or not key.isascii() or not key.isprintable():
+        raise ValueError(f"expected a query parameter name (printable ASCII), got {key!r}")
+    return key
+
+
+QueryKey = Annotated[str, AfterValidator(_check_query_key)]
+
+
+class _LogBuffers(_Model):
+    """How one stream's lines travel: a per-worker batch buffer filled in C, handed to a
+    writer thread. A line that does not fit is dropped and counted, never waited for."""
+
+    buffer_bytes: int = Field(
+        1048576,
+        ge=65536,
+        le=1 << 30,
+        description="per-worker batch buffer; a line that does not fit is dropped (counted)",
+    )
+    flush_interval: Seconds = Field(
+        0.2, le=60.0, description="seconds between hand-overs (also as soon as 64 KiB wait)"
+    )
+    max_pending_bytes: int = Field(
+        8388608,
+        ge=65536,
+        le=1 << 32,
+        description="bytes queued to the writer thread before batches are dropped (counted)",
+    )
+
+
+class AccessLog(_LogBuffers):
+    """One line per exchange (formatted in C at the exchange end; fastgate/logs)."""
+
+    enabled: bool = Field(False, description="write the access log")
+    path: LogPath = Field("-", description='"-" = stdout, "stderr", or a file (appended, 0640)')
+    format: Literal["json", "common", "combined"] = Field(
+        "json", description="json (one object per line), common or combined (NCSA)"
+    )
+    sample: Fraction = Field(1.0, description="fraction of requests logged (0..1)")
+    always_log_errors: bool = Field(
+        True, description="status >= 400 (or no response) is logged whatever the sample"
+    )
+    redact_query_keys: tuple[QueryKey, ...] = Field(
+        DEFAULT_REDACT_KEYS,
+        description="query parameters whose values are logged as REDACTED (case-insensitive)",
+    )
+    drop_query: bool = Field(False, description="log paths without their query string")
+
+
+class AuditLog(_LogBuffers):
+    """Security events: every refusal by the gateway's policy (401, 403, 429, IP lists, auth
+    unavailable) and client TLS certificate failures, one JSON line each."""
+
+    enabled: bool = Field(True, description="write the audit stream")
+    path: LogPath = Field("stderr", description='"-" = stdout, "stderr", or a file')
+
+
+# Framing and routing headers the exporter writes itself.
+_OTLP_OWN_HEADERS = frozenset(
+    ("content-type", "content-length", "transfer-encoding", "host", "connection")
+)
+
+
+class OtlpExport(_LogBuffers):
+    """Spans sent to an OpenTelemetry collector (OTLP/HTTP JSON), one per sampled exchange."""
+
+    endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces", description="the collector's OTLP/HTTP traces URL"
+    )
+    headers: dict[str, str] = Field(
+        {}, repr=False, description="extra request headers (values may be ${VAR} secrets)"
+    )
+    timeout: Seconds = Field(5.0, le=300.0, description="seconds per export request")
+    ca_file: FilePath | None = Field(None, description="trust these CAs for an https endpoint")
+    service_name: str = Field("fastgate", min_length=1, description="resource service.name")
+    flush_interval: Seconds = Field(1.0, le=60.0, description="seconds between exports")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  (raises on a bad port)
+        except ValueError as exc:
+            raise ValueError(f"invalid URL {url!r}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        if "@" in parts.netloc:
+            raise ValueError("credentials in the endpoint URL are not supported: use headers")
+        return url
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not _TOKEN.match(name):
+                raise ValueError(f"invalid header name {name!r}")
+            if name.lower() in _OTLP_OWN_HEADERS:
+                raise ValueError(f"header {name}: set by the exporter itself, not configurable")
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"header {name}: the value cannot contain CR, LF or NUL")
+        return headers
+
+    @model_validator(mode="after")
+    def _ca_needs_https(self) -> OtlpExport:
+        if self.ca_file is not None and not self.endpoint.lower().startswith("https://"):
+            raise ValueError("ca_file is only used with an https:// endpoint")
+        return self
+
+
+class Tracing(_Model):
+    """Trace export. The W3C trace context itself is set per entrypoint (`forwarded`)."""
+
+    otlp: OtlpExport | None = Field(None, description="span export; absent = off (no cost)")
+
+
+def _route_log(value: Any) -> Any:
+    # `access_log: true/false` is shorthand for {enabled: ...}.
+    if isinstance(value, bool):
+        return {"enabled": value}
+    if value is not None and not isinstance(value, Mapping | BaseModel):
+        raise ValueError("expected true, false or a mapping {sample, always_log_errors}")
+    return value
+
+
+class RouteAccessLog(_Model):
+    """A route's own access-log rule; unset keys inherit the global `access_log` ones.
+    In the file `access_log: false` turns the route's log off and `true` is the global rule."""
+
+    enabled: bool = Field(True, description="false: this route's requests are not logged")
+    sample: Fraction | None = Field(None, description="fraction of this route's requests logged")
+    always_log_errors: bool | None = Field(None, description="errors logged whatever the sample")
+
+
 class Route(_Model):
     """Requests matching `match` on the listed entrypoints go through `middlewares` to `service`.
 
@@ -429,6 +606,9 @@ class Route(_Model):
     priority: int = 0
     middlewares: tuple[str, ...] = Field((), description="applied in order")
     service: str
+    access_log: Annotated[RouteAccessLog | None, BeforeValidator(_route_log)] = Field(
+        None, description="false: not logged; true or absent: the global rule; or its own"
+    )
 
 
 class Server(_Model):
@@ -651,6 +831,9 @@ class Config(_Model):
     providers: Providers = Providers()
     admin: Admin = Admin()
     demo_origin: DemoOrigin = DemoOrigin()
+    access_log: AccessLog = AccessLog()
+    audit_log: AuditLog = AuditLog()
+    tracing: Tracing = Tracing()
 
     @field_validator("entrypoints", "services", "middlewares", mode="before")
     @classmethod

@@ -32,7 +32,8 @@ from prometheus_client.exposition import choose_encoder
 from fastgate._core.stats import BUCKETS, CLASSES, METHODS, OFFSETS, OVERFLOW, Shard
 from fastgate.metrics.slots import StatsDir
 
-K_ROUTE, K_SERVER, K_ENTRY, K_RATE, K_AUTH = range(5)
+K_ROUTE, K_SERVER, K_ENTRY, K_RATE, K_AUTH, K_LOG = range(6)
+LOG_STREAMS = ("access", "audit")  # always reported (0 when off); "spans" once it counted
 N_CLASSES, N_BUCKETS = len(CLASSES), len(BUCKETS)
 _LE = [("+Inf" if b == float("inf") else repr(b)) for b in BUCKETS]
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -102,6 +103,7 @@ class GatewayCollector:
                 sum_slots(shards, K_ENTRY), sum_slots(shards, K_ENTRY, live), state
             )
             yield from self._middlewares(sum_slots(shards, K_RATE), sum_slots(shards, K_AUTH))
+            yield from self._logs(sum_slots(shards, K_LOG))
         finally:
             for s in shards:
                 s.close()
@@ -254,13 +256,17 @@ class GatewayCollector:
                 cpu.add_metric([str(slot)], usage[0])
                 rss.add_metric([str(slot)], usage[1])
         yield from (cpu, rss)
+
+    def _logs(self, streams: Table) -> Iterator[Metric]:
         dropped = CounterMetricFamily(
             "fastgate_access_log_dropped",
-            "Access and audit log records dropped (no access log yet: always 0).",
+            "Log lines dropped (buffer full, writer behind, write errors), by stream.",
             labels=["stream"],
         )
-        for stream in ("access", "audit"):
-            dropped.add_metric([stream], 0)
+        names = dict.fromkeys((*LOG_STREAMS, *(labels[0] for labels in streams)))
+        for stream in names:
+            w = streams.get((stream,))
+            dropped.add_metric([stream], w[OFFSETS["log_dropped"]] if w else 0)
         yield dropped
 
 

@@ -1,17 +1,21 @@
 """Copy the Python-side tallies of a worker into its metric slot, once a second.
 
+What is copied: auth refusals (`AuthCommon.route_failures` of every auth middleware,
+`Authorize.route_failures`) into the K_AUTH table, and TLS handshakes of each TLS listener
+(`TlsListener` completed / failed) into the K_ENTRY table. Rate-limit decisions are not
+copied: the connection counts them per route in C when the exchange ends (the exchange
+record's rate outcome, fastgate/_core/stats.pyx record_exchange), on both the C and the
+Python path of the rate_limit middleware.
+
 Rules this file obeys:
-- Never on the request path: the tallies are plain ints the middlewares keep anyway
-  (`RateLimit.stats()`, `AuthCommon.failures`, `Authorize.denials`, `TlsListener` counters);
-  a timer reads them and adds the difference since its last look to the slot's counters.
+- Never on the request path: the tallies are plain ints the middlewares keep anyway; a timer
+  reads them and adds the difference since its last look to the slot's counters.
 - Counters only grow: each source object is remembered with the values last copied from it,
   so a reload (new middleware objects starting from 0) or a retired listener neither
   double-counts nor goes back. An object that left the runtime is read one last time, then
   forgotten.
 - Labels are bounded: middleware and route names come from the config, reasons are the fixed
-  audit phrases. Auth refusals are tallied by (route, reason) where they happen
-  (`route_failures`); other tallies are not split by route: the label is the one route that
-  uses the middleware, or "_other" when several do.
+  audit phrases. Auth refusals are tallied by (route, reason) where they happen.
 """
 
 from __future__ import annotations
@@ -25,20 +29,8 @@ from fastgate._core.stats import OFFSETS, Shard
 
 log = logging.getLogger("fastgate.metrics")
 
-K_ENTRY, K_RATE, K_AUTH = 2, 3, 4
+K_ENTRY, K_AUTH = 2, 4
 INTERVAL = 1.0  # seconds between copies
-SHARED_ROUTE = "_other"
-
-
-def rate_decisions(mw: Any) -> tuple[int, int, int]:
-    """(allowed, limited, fallback) decisions so far of one rate_limit middleware."""
-    stats = mw.stats()
-    limits = stats.get("limits") or []
-    dry = [lim.dry_run for lim in mw.options.limits]
-    decided = limits[0]["allowed"] + limits[0]["denied"] if limits else 0
-    limited = sum(lim["denied"] for lim, d in zip(limits, dry, strict=False) if not d)
-    busy = stats.get("in_flight_refused", 0)
-    return max(decided - limited, 0), limited + busy, stats.get("local_decisions", 0)
 
 
 def auth_failures(mw: Any) -> Mapping[tuple[str, str], int]:
@@ -69,7 +61,6 @@ class TallyCopier:
     def copy(self, runtime: Any, tls: Mapping[str, Any]) -> None:
         """One pass over the runtime's middlewares and the TLS listeners."""
         live: set[int] = set()
-        routes = _routes_by_middleware(runtime.config)
         for kind, objects in (("mw", runtime.middlewares), ("tls", tls)):
             for name, obj in objects.items():
                 live.add(id(obj))
@@ -82,7 +73,7 @@ class TallyCopier:
                 if kind == "tls":
                     self._copy_tls(name, obj)
                 else:
-                    self._copy_middleware(name, obj, routes.get(name, ()))
+                    self._copy_middleware(name, obj)
             except Exception:  # a tally we cannot read must not stop the others
                 log.exception("metrics: cannot read the tallies of %s", name)
         for key in [k for k in self.seen if k not in live]:
@@ -95,29 +86,12 @@ class TallyCopier:
             if n:
                 self.shard.add_count(K_ENTRY, row, OFFSETS[word], n)
 
-    def _copy_middleware(self, name: str, mw: Any, routes: tuple[str, ...]) -> None:
-        route = routes[0] if len(routes) == 1 else SHARED_ROUTE
-        if getattr(mw, "type", None) == "rate_limit":
-            row = self.shard.register_rate(route)
-            decisions = zip(("allowed", "limited", "fallback"), rate_decisions(mw), strict=True)
-            for word, value in decisions:
-                n = self._delta(mw, word, value)
-                if n:
-                    self.shard.add_count(K_RATE, row, OFFSETS[word], n)
-            return
+    def _copy_middleware(self, name: str, mw: Any) -> None:
         for (where, reason), value in list(auth_failures(mw).items()):
             n = self._delta(mw, (where, reason), value)
             if n:
                 row = self.shard.register_auth(where, name, str(reason))
                 self.shard.add_count(K_AUTH, row, OFFSETS["failures"], n)
-
-
-def _routes_by_middleware(config: Any) -> dict[str, tuple[str, ...]]:
-    out: dict[str, list[str]] = {}
-    for route in config.routes:
-        for name in route.middlewares:
-            out.setdefault(name, []).append(route.name)
-    return {k: tuple(dict.fromkeys(v)) for k, v in out.items()}
 
 
 async def copy_forever(copier: TallyCopier, sources: Any, interval: float = INTERVAL) -> None:
@@ -135,4 +109,4 @@ def copy_once(copier: TallyCopier, runtime: Any, tls: Mapping[str, Any]) -> None
         log.exception("metrics: final copy failed")
 
 
-__all__ = ["TallyCopier", "auth_failures", "copy_forever", "copy_once", "rate_decisions"]
+__all__ = ["TallyCopier", "auth_failures", "copy_forever", "copy_once"]

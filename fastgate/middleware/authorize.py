@@ -30,20 +30,26 @@ Rules this file obeys:
   (admit). HEAD uses the GET rule when HEAD is not listed (a HEAD answers what a GET would,
   without the body). A request method is looked up as sent, then uppercased, so `get` cannot
   slip past a `GET` rule.
-- The 403 body is a fixed `forbidden`: which condition failed goes only to the audit log
-  (`fastgate.audit`) and the denial counter. Every reason is a fixed phrase made from config
-  names, never a value taken from the request or the identity, so the counter stays bounded.
+- The 403 body is a fixed `forbidden`: which condition failed goes only to the audit line
+  (noted on the connection, `conn.note_deny`: DENY_FORBIDDEN for a 403, DENY_AUTH_FAILED for
+  the 401 without an identity; the C side writes the line at the exchange end) and the denial
+  counter. Every reason is a fixed phrase made from config names, never a value taken from
+  the request or the identity, so the counter stays bounded.
 - An empty condition list is the same as leaving the key out (no condition).
 - Claim values compare by JSON type: a string never equals a number, `true` never equals 1. A
   list claim holds when one of its items does. `matches` is a full match, strings only, and is
   compiled when the config is loaded.
-- `dry_run` decides, counts and audits every denial (reason prefixed `dry_run: `), then admits.
+- `dry_run` decides and counts every denial (reason prefixed `dry_run: `) and logs it on the
+  `fastgate.authorize` logger (INFO: route, client, method, path, reason; never a credential
+  or a claim value), then admits: a dry-run denial is no refusal, so it is not noted on the
+  connection and writes no audit line.
 - Rules are compiled once into predicates; per request: a dict lookup and a few set
   operations, synchronous, nothing awaited.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -61,7 +67,8 @@ from pydantic import (
     model_validator,
 )
 
-from fastgate.auth.common import audit_deny, route_name
+from fastgate._core.accesslog import DENY_AUTH_FAILED, DENY_FORBIDDEN
+from fastgate.auth.common import note_deny, route_name
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
 from fastgate.middleware.registry import register
@@ -74,6 +81,7 @@ _UNAUTHORIZED = LocalReply.error(
 )
 _FORBIDDEN = LocalReply.error(403, "forbidden")
 DRY_RUN = "dry_run: "
+log = logging.getLogger("fastgate.authorize")
 
 # ---- options ----------------------------------------------------------------------------------
 
@@ -356,13 +364,30 @@ class Authorize:
         return None
 
     def _deny(self, ctx: RequestContext, reply: LocalReply, reason: str) -> LocalReply | None:
-        """Count and audit a denial; in dry-run mode admit the request anyway."""
+        """Count a denial and note it for the audit line; in dry-run mode log it and admit
+        the request anyway."""
         if self.dry_run:
             reason = DRY_RUN + reason
+        route = route_name(ctx)
         self.denials[reason] += 1
-        self.route_failures[(route_name(ctx), reason)] += 1
-        audit_deny(ctx, self.type, self.name, reply.status, reason)
-        return None if self.dry_run else reply
+        self.route_failures[(route, reason)] += 1
+        if self.dry_run:
+            if log.isEnabledFor(logging.INFO):
+                head = ctx.head
+                log.info(
+                    "dry run: would deny %d route=%s client=%s %s %s by %s: %s",
+                    reply.status,
+                    route,
+                    getattr(ctx.conn, "client_ip", ""),
+                    head.method.decode("latin-1"),
+                    head.path.decode("latin-1"),
+                    self.name,
+                    reason,
+                )
+            return None
+        event = DENY_FORBIDDEN if reply.status == 403 else DENY_AUTH_FAILED
+        note_deny(ctx, event, self.name, reason)
+        return reply
 
     # ---- operations ---------------------------------------------------------------------------
 

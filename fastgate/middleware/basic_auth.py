@@ -24,7 +24,7 @@ Security rules this file obeys:
   ignored), since `verify_or_dummy`'s argon2 dummy would take a different time than the
   file's bcrypt hashes; store users are all argon2id, like that dummy.
 - Replies, logs and audit records never hold the password or a hash; the challenge is fixed
-  text built from the configured realm. Refusals go to `fastgate.audit` without the user name
+  text built from the configured realm. Refusals go to the audit stream without the user name
   (people type passwords into the user field).
 - Verified pairs are remembered `cache_ttl` seconds by an HMAC under a per-process key
   (fastgate.auth.basic_credentials.SuccessCache); failures are never cached. The cache is

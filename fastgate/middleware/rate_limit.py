@@ -19,6 +19,16 @@ gives the key and the store is local or hybrid, `core_check(route)` hands the ro
 paths share the same buckets and counters. A hybrid check decides in C while its store is
 synced with Redis and hands decisions to the store's Python path while it is not (the outage
 policy).
+
+What the exchange is told (the access log's rate outcome, the audit line of a refusal): every
+decision of the Python path is noted on the connection, `conn.note_rate(RATE_ALLOWED)` for an
+admission (a dry-run refusal is one), `note_rate(RATE_LIMITED)` with
+`note_deny(DENY_RATE_LIMITED, name, reason)` for a refusal (reason: "limit <i> exceeded", "too
+many in flight" or "rate limit store unavailable", fixed phrases, never the key), and
+RATE_FALLBACK for an admission by the outage policy while Redis is unavailable. The C check
+writes the same into the exchange record itself (fastgate/_core/ratecheck.pyx), except while
+the hybrid store is down: then its fallback here notes the decision. A request skipped for an
+absent key part gets no decision. The admitted Python path adds no Python frame for this.
 """
 
 from __future__ import annotations
@@ -26,7 +36,15 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from fastgate._core.ratecheck import InFlight, KeyBuilder, RateCheck
+from fastgate._core.accesslog import DENY_RATE_LIMITED, RATE_ALLOWED, RATE_FALLBACK, RATE_LIMITED
+from fastgate._core.ratecheck import (
+    BUSY_REASON,
+    LIMIT_REASONS,
+    UNAVAILABLE_REASON,
+    InFlight,
+    KeyBuilder,
+    RateCheck,
+)
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import LocalReply, RequestContext
 from fastgate.middleware.registry import register
@@ -138,11 +156,15 @@ class RateLimit:
             self._reject_busy,
             self.skip_absent,
             fallback,
+            self.name,
         )
 
-    def _hybrid_fallback(self, key: bytes) -> LocalReply | None:
+    def _hybrid_fallback(self, conn: Any, key: bytes) -> LocalReply | None:
         """The hybrid C check while its store is not synced: the store's Python path."""
-        return self._verdict(self.store.decide(key), key)
+        outage = self.store.outage
+        before = outage.local_decisions
+        result = self.store.decide(key)  # a HybridStore answers at once
+        return self._verdict(result, key, conn, outage.local_decisions != before)
 
     def describe(self) -> list[str]:
         return describe(self.options, self.routes, self.workers)
@@ -156,42 +178,68 @@ class RateLimit:
             extras = (
                 self._anonymous if identity is None else extras_of(self.identity_parts, identity)
             )
+        conn = ctx.conn
         route = ctx.head.route.name
         keys = self._keys.get(route if self.per_route else None) or self.keys_for(route)
-        key, absent = keys.key(ctx.conn, ctx.head, extras)
+        key, absent = keys.key(conn, ctx.head, extras)
         if absent and self.skip_absent:
             return None
         if self.inflight is not None:
-            if not self.inflight.acquire(ctx.conn, key):
-                return self._reject_busy(key)
-            ctx.conn.on_done(self.inflight.release)
+            if not self.inflight.acquire(conn, key):
+                return self._refuse(conn, self._reject_busy(key), BUSY_REASON)
+            conn.on_done(self.inflight.release)
         if self.store is None:
-            if self.local is None:
-                return None
-            index, remaining, _, retry, limit = self.local.decide(key)
-            return self._reject(index, remaining, 0, retry, limit, key) if index >= 0 else None
+            if self.local is not None:
+                index, remaining, _, retry, limit = self.local.decide(key)
+                if index >= 0:
+                    reply = self._reject(index, remaining, 0, retry, limit, key)
+                    return self._refuse(conn, reply, LIMIT_REASONS[index])
+            conn.note_rate(RATE_ALLOWED)  # inline: the admitted path adds no Python frame
+            return None
+        outage = self.store.outage
+        before = outage.local_decisions
         result = self.store.decide(key)
         if result is None or type(result) is tuple:
-            return self._verdict(result, key)
-        return self._after(result, key)
+            return self._verdict(result, key, conn, outage.local_decisions != before)
+        return self._after(result, key, conn)
 
-    async def _after(self, pending: Any, key: bytes) -> LocalReply | None:
-        return self._verdict(await pending, key)
+    async def _after(self, pending: Any, key: bytes, conn: Any) -> LocalReply | None:
+        result = await pending
+        # A RedisStore marks its outage down (a decision by the policy) or recovered (Redis
+        # answered) just before its coroutine returns, with no await in between, so the flag
+        # tells this decision apart from those of concurrent requests.
+        return self._verdict(result, key, conn, self.store.outage.down)
 
-    def _verdict(self, result: tuple[int, int, int, int] | None, key: bytes) -> LocalReply | None:
-        if result is None:
-            return self.replies.unavailable()
+    def _verdict(
+        self, result: tuple[int, int, int, int] | None, key: bytes, conn: Any, fallback: bool
+    ) -> LocalReply | None:
+        """Note a store's decision on the connection and answer it (`fallback`: the decision
+        came from the outage policy, Redis being unavailable)."""
+        if result is None:  # fail_closed while Redis is unavailable
+            return self._refuse(conn, self.replies.unavailable(), UNAVAILABLE_REASON)
         index, remaining, _, retry = result
-        return self._reject(index, remaining, 0, retry, 0, key) if index >= 0 else None
+        if index >= 0:
+            reply = self._reject(index, remaining, 0, retry, 0, key)
+            return self._refuse(conn, reply, LIMIT_REASONS[index])
+        conn.note_rate(RATE_FALLBACK if fallback else RATE_ALLOWED)
+        return None
+
+    def _refuse(self, conn: Any, reply: LocalReply, reason: str) -> LocalReply:
+        """A refusal of the Python path: the exchange's rate outcome and audit facts."""
+        conn.note_rate(RATE_LIMITED)
+        conn.note_deny(DENY_RATE_LIMITED, self.name, reason)
+        return reply
 
     def _reject(
         self, index: int, remaining: int, reset: int, retry: int, limit: int, key: bytes
     ) -> LocalReply:
+        """The 429 of limit `index` (the C check calls it too, after noting the refusal)."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rate limit %s: limit %d refused %s", self.name, index, self.render(key))
         return self.replies.limited(index, remaining, retry)
 
     def _reject_busy(self, key: bytes) -> LocalReply:
+        """The in-flight refusal (the C check calls it too, after noting the refusal)."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rate limit %s: too many in flight for %s", self.name, self.render(key))
         return self.replies.busy()

@@ -22,6 +22,15 @@ Stop (SIGTERM or SIGINT): `/readyz` turns 503, workers get SIGTERM and drain (dr
 a worker still running `drain_timeout + KILL_GRACE` seconds later is killed, then the admin
 listener and the demo origin close and the process exits 0.
 
+Logs (docs/logging.md): SIGUSR1 is forwarded to every worker, which reopens its log files
+(logrotate renames a file, then signals the supervisor). The supervisor itself writes its own
+messages to stderr and has nothing to reopen. A worker's stdout is the status pipe, so the
+supervisor hands each worker a duplicate of its own stdout (`stdout_fd` in the start
+message, passed with pass_fds) for the logs whose path is "-". Workers ignore SIGUSR1 from
+their first statement on (WORKER_CODE), until their handler is installed, so a rotation
+while a worker starts cannot kill it; a worker younger than USR1_SETTLE gets the signal again
+once it is that old (it may have opened the file just before the rename).
+
 Metrics (DESIGN.md §6): each worker gets a slot number (the lowest free one; a restarted
 worker takes its predecessor's) and the path of its slot file in the start message; it counts
 there in C. `/metrics` on the admin listener sums every slot (fastgate/metrics/collector.py)
@@ -65,6 +74,7 @@ KILL_GRACE = 5.0  # beyond drain_timeout, before a draining worker is killed
 RESTART_DELAY = 0.2
 MAX_RESTART_DELAY = 10.0
 STABLE_UPTIME = 10.0  # a worker that ran this long resets the back-off
+USR1_SETTLE = 1.0  # a worker this young gets a forwarded SIGUSR1 again at this age
 
 FileStamp = tuple[int, int, int, int]
 
@@ -88,6 +98,7 @@ class WorkerHandle:
 # source checkout after `pip install .` that is a copy without the compiled extensions.
 PACKAGE_ROOT = str(Path(fastgate.__file__).resolve().parent.parent)
 WORKER_CODE = (
+    "import signal; signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
     "import sys; sys.path.insert(0, %r); from fastgate.server.worker import main; sys.exit(main())"
 )
 
@@ -126,6 +137,9 @@ class Supervisor:
         self.reload_counts = {"success": 0, "failure": 0}
         self.loaded_at = time.time()
         self.metrics_registry = build_registry(GatewayCollector(self.stats_dir, self.metrics_state))
+        # The gateway's stdout, for the workers' logs with path "-" (their own fd 1 is the
+        # status pipe). Not inheritable: passed explicitly to each worker.
+        self.stdout_fd = _dup_stdout()
 
     # ---- status ----------------------------------------------------------------------------
 
@@ -189,6 +203,7 @@ class Supervisor:
                 *self.worker_argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                pass_fds=() if self.stdout_fd is None else (self.stdout_fd,),
             )
         except OSError as exc:
             self.last_worker_error = f"cannot spawn a worker: {exc}"
@@ -204,6 +219,7 @@ class Supervisor:
                 "generation": self.generation,
                 "config": self.payload,
                 "stats": self.stats_dir.slot_path(handle.slot),
+                "stdout_fd": self.stdout_fd,
             },
         )
         self._spawn(self._watch(handle))
@@ -405,6 +421,18 @@ class Supervisor:
                     continue  # still being written (a certificate and its key, one by one)
                 self.reload("certificate file change")
 
+    # ---- logs ------------------------------------------------------------------------------
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: every worker reopens its log files (after logrotate renamed them)."""
+        log.info("SIGUSR1: workers reopen their log files")
+        loop = asyncio.get_running_loop()
+        for handle in self.workers:
+            _signal(handle, signal.SIGUSR1)
+            age = time.monotonic() - handle.started
+            if age < USR1_SETTLE:
+                loop.call_later(USR1_SETTLE - age, _signal_if_running, handle, signal.SIGUSR1)
+
     # ---- stop ------------------------------------------------------------------------------
 
     def stop(self, why: str = "SIGTERM") -> None:
@@ -429,12 +457,16 @@ class Supervisor:
             return await self._run()
         finally:
             self.stats_dir.remove()
+            if self.stdout_fd is not None:
+                os.close(self.stdout_fd)
+                self.stdout_fd = None
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
         loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         servers = await self._start_listeners()
         if servers is None:
             return 2
@@ -456,7 +488,7 @@ class Supervisor:
             task.cancel()
         for server in servers:
             server.close()
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         log.info("stopped")
         return 1 if killed else 0
@@ -514,6 +546,19 @@ def _signal(handle: WorkerHandle, sig: int) -> None:
         handle.proc.send_signal(sig)
     except ProcessLookupError:
         pass  # already gone; its watcher will see the exit
+
+
+def _signal_if_running(handle: WorkerHandle, sig: int) -> None:
+    if handle.proc.returncode is None:
+        _signal(handle, sig)
+
+
+def _dup_stdout() -> int | None:
+    """A private, non-inheritable duplicate of fd 1 (None when there is no stdout)."""
+    try:
+        return os.dup(1)
+    except OSError:
+        return None
 
 
 def _describe_exit(code: int) -> str:

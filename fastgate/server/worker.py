@@ -19,14 +19,25 @@ handshake_timeout or the client-certificate policy (client_auth, CA or CRL conte
 the entrypoint to a new listener (like an address change; see fastgate/tls/server.py).
 
 Metrics: the start message names the worker's slot file (`stats`); the Engine counts there in
-C (fastgate/_core/stats.pyx), and a timer copies the Python-side tallies (rate-limit
-decisions, auth failures, TLS handshakes) into it once a second (fastgate/metrics/copier.py).
+C (fastgate/_core/stats.pyx, rate-limit decisions per route included), and a timer copies the
+Python-side tallies (auth failures, TLS handshakes) into it once a second
+(fastgate/metrics/copier.py).
 A slot that cannot be opened is logged and the worker serves anyway, uncounted.
+
+Logs (fastgate/logs, docs/logging.md): a LogRuntime builds the access, audit and span
+streams and their writer threads from the config and installs them in the Engine
+(`engine.alog`); a reload that changes the log sections builds new ones and closes the old
+ones after handing over their last lines. SIGUSR1 makes every file writer reopen its path
+(log rotation). Log lines never go to the status stream: fd 1 is stderr here, so a log whose
+path is "-" writes to the duplicate of the gateway's stdout that the supervisor passes
+(`stdout_fd` in the start message); without one (run standalone) "-" means fd 1 as found
+when `run_worker` was called, or stderr under the supervisor.
 
 Drain (SIGTERM/SIGINT, or stdin closing because the supervisor is gone): close the listeners,
 stop keep-alive (idle connections close now, busy ones after their response), wait for the
 in-flight requests up to drain_timeout, then exit; the process exit closes whatever is still
-open at the deadline.
+open at the deadline. The log buffers are taken and written (bounded wait) after the last
+exchange ended, so no line of a drained request is lost.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ from fastgate._core.stats import Shard
 from fastgate.config.compile import Runtime, compile_runtime
 from fastgate.config.schema import Config, Entrypoint, parse_config
 from fastgate.errors import ConfigError
+from fastgate.logs.runtime import LogRuntime, log_settings
 from fastgate.metrics.copier import TallyCopier, copy_forever, copy_once
 from fastgate.server.dispatch import dispatch
 from fastgate.server.listener import bind
@@ -69,6 +81,7 @@ class Worker:
         status_fd: int | None,
         stopping: asyncio.Event | None = None,
         stats_path: str | None = None,
+        stdout_fd: int = 1,
     ) -> None:
         self.config = config
         self.generation = generation
@@ -79,6 +92,13 @@ class Worker:
         self.copier = TallyCopier(self.engine.shard)
         self._copying: asyncio.Task[None] | None = None
         self.runtime: Runtime = compile_runtime(config, self.engine)
+        self.stdout_fd = stdout_fd  # where a log with path "-" goes (never the status fd)
+        try:
+            self.logs = LogRuntime(config, self.loop, self.engine.shard, stdout_fd)
+        except ConfigError:
+            self.runtime.retire()
+            raise
+        self.logs.install(self.engine)
         self.entrypoints: dict[str, EntryPoint] = {}
         self.servers: dict[str, tuple[str, asyncio.AbstractServer]] = {}
         self.tls: dict[str, TlsListener] = {}  # the TLS entrypoints' listeners
@@ -93,6 +113,7 @@ class Worker:
         socks = _bind_all(self.config.entrypoints)
         for name, sock in socks.items():
             await self._serve(name, sock)
+        self.logs.start()
         self._copying = self.loop.create_task(
             copy_forever(self.copier, lambda: (self.runtime, self.tls))
         )
@@ -130,10 +151,15 @@ class Worker:
             or listener_shape(ep.tls) != listener_shape(self.config.entrypoints[name].tls)
             or (name in self.tls and not self.tls[name].can_swap(runtime.tls[name]))
         }
+        logs = None
         try:
+            if log_settings(config) != self.logs.settings:
+                logs = LogRuntime(config, self.loop, self.engine.shard, self.stdout_fd)
             socks = _bind_all(changed)
         except ConfigError:
             runtime.retire()
+            if logs is not None:
+                await logs.close(0)
             raise
         old = self.runtime
         self.runtime = runtime
@@ -155,6 +181,12 @@ class Worker:
         self.engine.set_tick_interval(_tick_for(config))
         logging.getLogger().setLevel(config.log_level.upper())
         old.retire()
+        if logs is not None:
+            # New exchanges log through the new streams; the old ones are emptied and closed.
+            old_logs, self.logs = self.logs, logs
+            logs.install(self.engine)
+            logs.start()
+            await old_logs.close()
         log.info("worker %d: config generation %d in use", os.getpid(), generation)
 
     # ---- the control channel ---------------------------------------------------------------
@@ -215,6 +247,11 @@ class Worker:
             else:
                 self.status("reloaded", generation)
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: the log files are opened again (after logrotate renamed them)."""
+        log.info("worker %d: reopening log files", os.getpid())
+        self.logs.reopen()
+
     def status(self, word: str, generation: int, reason: str = "") -> None:
         """One status line to the supervisor (a no-op when run without one)."""
         if self.status_fd is None:
@@ -246,6 +283,8 @@ class Worker:
         self.engine.close()
         if self._copying is not None:
             self._copying.cancel()
+        # Every exchange has ended (and logged): write the last lines, then count.
+        await self.logs.close()
         copy_once(self.copier, self.runtime, self.tls)
         self.runtime.retire()
         return left
@@ -301,6 +340,7 @@ async def _main(
     status_fd: int | None,
     pending: bytes = b"",
     stats_path: str | None = None,
+    stdout_fd: int = 1,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -309,7 +349,8 @@ async def _main(
     # Reloads come through the supervisor; a stray SIGHUP must not kill the worker.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     try:
-        worker = Worker(config, generation, status_fd, stop, stats_path)
+        worker = Worker(config, generation, status_fd, stop, stats_path, stdout_fd)
+        loop.add_signal_handler(signal.SIGUSR1, worker.reopen_logs)
         await worker.start()
     except ConfigError as exc:
         reason = "; ".join(exc.lines())
@@ -336,9 +377,13 @@ def run_worker(
     status_fd: int | None = None,
     pending: bytes = b"",
     stats_path: str | None = None,
+    stdout_fd: int = 1,
 ) -> int:
-    """Run a worker until it is told to stop; returns the exit code."""
-    return uvloop.run(_main(config, generation, control_fd, status_fd, pending, stats_path))
+    """Run a worker until it is told to stop; returns the exit code. `stdout_fd` is where
+    logs with path "-" go."""
+    return uvloop.run(
+        _main(config, generation, control_fd, status_fd, pending, stats_path, stdout_fd)
+    )
 
 
 def config_payload(config: Config) -> dict[str, Any]:
@@ -360,6 +405,8 @@ def _read_first_line(fd: int) -> tuple[bytes, bytes]:
 
 def main() -> int:
     """`python -m fastgate.server.worker`: the supervisor's child (see the module docstring)."""
+    # SIGUSR1 (log rotation) must not kill a worker before its handler is installed.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     status_fd = os.dup(1)
     os.dup2(2, 1)
     logging.basicConfig(
@@ -376,6 +423,12 @@ def main() -> int:
         stats_path = msg.get("stats")
         if stats_path is not None and not isinstance(stats_path, str):
             raise TypeError("stats must be a path")
+        # The gateway's stdout for logs with path "-" (fd 1 here is stderr: status safety).
+        stdout_fd = msg.get("stdout_fd", 2)
+        if stdout_fd is None:
+            stdout_fd = 2
+        if isinstance(stdout_fd, bool) or not isinstance(stdout_fd, int) or stdout_fd < 0:
+            raise TypeError("stdout_fd must be a file descriptor")
     except ConfigError as exc:
         reason = "; ".join(exc.lines())
         log.error("worker %d: cannot start: %s", os.getpid(), reason)
@@ -386,7 +439,15 @@ def main() -> int:
         return EXIT_START_FAILED
     logging.getLogger().setLevel(config.log_level.upper())
     os.set_blocking(0, False)
-    return run_worker(config, generation, 0, status_fd, pending=pending, stats_path=stats_path)
+    return run_worker(
+        config,
+        generation,
+        0,
+        status_fd,
+        pending=pending,
+        stats_path=stats_path,
+        stdout_fd=stdout_fd,
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ Rules this file obeys:
   or the contents of client_ca_file / crl_file) is never swapped in place: the entrypoint
   gets a new listener with a fresh base context (`TlsListener.can_swap`), and no session
   from before the change can be resumed. Certificate renewals swap in place.
+- Audit: a client handshake that fails certificate verification (no certificate when one is
+  required, one that does not chain, has expired or is revoked) writes a `tls_verify_failed`
+  audit event (fastgate/logs/events.py) with the ssl library's reason phrase, never any
+  certificate contents. The failure is seen in the listener's SSLObject class
+  (`sslobject_class`), which knows the entrypoint but not the peer: the event's client_ip
+  is "" (uvloop does not tell the application of a failed server-side handshake).
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from fastgate._core.conn import DownstreamProtocol, Engine, EntryPoint
 from fastgate.config.schema import Config, EntrypointTls
 from fastgate.errors import ConfigError
+from fastgate.logs.events import audit_event
 
 __all__ = [
     "ALPN",
@@ -411,8 +418,10 @@ class TlsListener:
         ssl_object.context = self.generation.select(server_name)
 
     def protocol_factory(self, engine: Engine, entry: EntryPoint) -> Callable[[], Any]:
-        """The create_server factory: a DownstreamProtocol that counts its handshake."""
+        """The create_server factory: a DownstreamProtocol that counts its handshake. The
+        base context's SSLObjects report verification failures for `entry` (audit)."""
         listener = self
+        self.context.sslobject_class = audited_sslobject_class(entry.name)
         return lambda: _TlsDownstream(engine, entry, listener)
 
     def stats(self) -> dict[str, Any]:
@@ -444,6 +453,53 @@ class _TlsDownstream(DownstreamProtocol):
     def __del__(self) -> None:
         if not getattr(self, "_made", True):
             self._listener.failed += 1
+
+
+# OpenSSL reasons (besides a failed chain check) that mean "the client certificate is not
+# acceptable"; other handshake failures (protocol versions, ciphers, plaintext) are not audit
+# events: they are counted as failed handshakes only.
+_CERT_REASONS = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED"})
+
+
+def verify_failure_reason(exc: ssl.SSLError) -> str | None:
+    """The fixed phrase for a client-certificate failure (the library's reason string, e.g.
+    "certificate verify failed: certificate revoked"), or None for another SSL error."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = exc.verify_message or "unknown reason"
+        return f"certificate verify failed: {message}"
+    reason = getattr(exc, "reason", None)
+    if reason in _CERT_REASONS:
+        return str(reason).lower().replace("_", " ")
+    return None
+
+
+class _AuditedSSLObject(ssl.SSLObject):
+    """SSLObject of a TLS listener: a handshake that fails certificate verification writes a
+    `tls_verify_failed` audit event (rate-limited in fastgate/logs/events.py)."""
+
+    entrypoint = ""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            reason = verify_failure_reason(exc)
+            if reason is not None:
+                audit_event(
+                    "tls_verify_failed",
+                    reason=reason,
+                    client_ip="",
+                    entrypoint=self.entrypoint,
+                    tls=self.version(),
+                )
+            raise
+
+
+def audited_sslobject_class(entrypoint: str) -> type[ssl.SSLObject]:
+    """An SSLObject class whose failed certificate checks name `entrypoint`."""
+    return type("AuditedSSLObject", (_AuditedSSLObject,), {"entrypoint": entrypoint})
 
 
 def describe(listeners: Iterable[tuple[str, TlsListener]]) -> list[str]:

@@ -54,7 +54,7 @@ def gw(
         {"name": name, "match": {"hosts": [f"{name}.test"]}, "service": "origin", "middlewares": m}
         for name, m in chains.items()
     ]
-    # log_level info: the audit records (fastgate.audit) reach the gateway's log.
+    # log_level info: dry-run denials (fastgate.authorize) reach the gateway's log.
     config = base_config(origin.port, middlewares=middlewares, routes=routes, log_level="info")
     return start_gateway(config)
 

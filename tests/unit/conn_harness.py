@@ -26,6 +26,9 @@ class FakeTransport:
     def close(self) -> None:
         pass
 
+    def can_write_eof(self) -> bool:
+        return False  # close at once after an error reply (no lingering close)
+
     def pause_reading(self) -> None:
         pass
 

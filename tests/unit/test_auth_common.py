@@ -1,15 +1,21 @@
 """fastgate.auth.common: identity headers (validated, header-safe, client copies owned),
-optional auth, audit records without credentials, option parsing with key paths."""
+optional auth, refusals noted on the connection (the audit line's facts, never a credential),
+option parsing with key paths."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pytest
 
+from fastgate._core.accesslog import DENY_AUTH_FAILED, DENY_AUTH_UNAVAILABLE, DENY_FORBIDDEN
 from fastgate._core.httphead import parse_request
-from fastgate.auth.common import AuthCommon, AuthOptions, encode_identity_headers, parse_options
+from fastgate.auth.common import (
+    AuthCommon,
+    AuthOptions,
+    encode_identity_headers,
+    parse_options,
+)
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import Identity, LocalReply, RequestContext
 
@@ -24,16 +30,20 @@ ALICE = Identity(
 
 
 class Conn:
-    """The two things AuthCommon uses of a client connection."""
+    """What AuthCommon uses of a client connection; it records the refusals noted on it."""
 
     client_ip = "192.0.2.9"
     request_id = b"rid-1"
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
+        self.denies: list[tuple[int, str, str]] = []
 
     def add_upstream_headers(self, lines: bytes) -> None:
         self.lines.append(lines)
+
+    def note_deny(self, event: int, source: str, reason: str) -> None:
+        self.denies.append((event, source, reason))
 
 
 def ctx(path: bytes = b"/orders?id=1") -> RequestContext:
@@ -165,18 +175,52 @@ def test_optional_skip_and_missing() -> None:
     assert optional.skip(c) and not required.skip(c)
 
 
-def test_refusal_is_counted_and_audited(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "status, event",
+    [
+        pytest.param(401, DENY_AUTH_FAILED, id="401 is an auth failure"),
+        pytest.param(302, DENY_AUTH_FAILED, id="a relayed redirect to a login is one too"),
+        pytest.param(403, DENY_FORBIDDEN, id="a relayed 403 is forbidden"),
+        pytest.param(503, DENY_AUTH_UNAVAILABLE, id="503: fail closed, auth unavailable"),
+        pytest.param(500, DENY_AUTH_UNAVAILABLE, id="any 5xx is unavailable"),
+    ],
+)
+def test_refusal_is_counted_and_noted_on_the_connection(
+    status: int, event: int, caplog: pytest.LogCaptureFixture
+) -> None:
     common = AuthCommon({}, "keys", "api_key")
     c = ctx()
-    with caplog.at_level(logging.INFO, logger="fastgate.audit"):
-        reply = common.refuse(c, "invalid api key", LocalReply.error(401, "no"))
-    assert reply.status == 401 and common.failures == {"invalid api key": 1}
-    (record,) = caplog.records
-    audit = record.audit  # type: ignore[attr-defined]
-    assert audit["reason"] == "invalid api key" and audit["client_ip"] == "192.0.2.9"
-    assert audit["method"] == "GET" and audit["path"] == "/orders"  # no query string
-    assert audit["request_id"] == "rid-1" and audit["middleware"] == "keys"
-    assert "invalid api key" in record.getMessage()
+    with caplog.at_level("DEBUG"):
+        reply = common.refuse(c, "invalid api key", LocalReply.error(status, "no"))
+    assert reply.status == status and common.failures == {"invalid api key": 1}
+    assert common.route_failures == {("", "invalid api key"): 1}  # no route on this head
+    # The connection writes the audit line at the exchange end: who refused, why.
+    assert c.conn.denies == [(event, "keys", "invalid api key")]
+    assert caplog.records == []  # no Python log record per refusal any more
+
+
+def test_missing_credentials_are_noted_unless_optional() -> None:
+    reply = LocalReply.error(401, "missing")
+    c = ctx()
+    AuthCommon({"optional": True}, "mw", "jwt_auth").missing(c, reply)
+    assert c.conn.denies == []
+    AuthCommon({}, "mw", "jwt_auth").missing(c, reply)
+    assert c.conn.denies == [(DENY_AUTH_FAILED, "mw", "missing credentials")]
+
+
+@pytest.mark.parametrize(
+    "conn",
+    [
+        pytest.param(None, id="no connection"),
+        pytest.param(object(), id="a connection that cannot be told"),
+    ],
+)
+def test_refusal_without_note_deny_still_counts(conn: object) -> None:
+    head, _ = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    common = AuthCommon({}, "keys", "api_key")
+    reply = LocalReply.error(401, "no")
+    assert common.refuse(RequestContext(conn=conn, head=head), "bad", reply) is reply
+    assert common.failures == {"bad": 1}
 
 
 class Model(AuthOptions):

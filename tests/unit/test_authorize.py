@@ -1,6 +1,7 @@
 """The authorize middleware: each condition (scopes, roles, groups, claims, auth methods),
 per-method rules, consumers, anonymous requests (401 vs allow_anonymous), dry-run, what the
-403 body and the audit log say, and option errors with key paths."""
+403 body says and what is noted on the connection for the audit line, and option errors with
+key paths."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fastgate._core.accesslog import DENY_AUTH_FAILED, DENY_FORBIDDEN
 from fastgate._core.httphead import parse_request
 from fastgate.errors import ConfigError
 from fastgate.middleware.authorize import Authorize
@@ -25,9 +27,13 @@ class Conn:
 
     def __init__(self) -> None:
         self.upstream: list[bytes] = []
+        self.denies: list[tuple[int, str, str]] = []
 
     def add_upstream_headers(self, lines: bytes) -> None:
         self.upstream.append(lines)
+
+    def note_deny(self, event: int, source: str, reason: str) -> None:
+        self.denies.append((event, source, reason))
 
 
 def ident(
@@ -351,7 +357,7 @@ def test_reason_goes_to_audit_not_body(
 ) -> None:
     mw = Authorize(options, "authz")
     ctx = request(identity, method)
-    with caplog.at_level(logging.INFO, logger="fastgate.audit"):
+    with caplog.at_level("DEBUG"):
         reply = mw.on_request(ctx)
     assert isinstance(reply, LocalReply)
     status = 401 if identity is None else 403
@@ -359,15 +365,13 @@ def test_reason_goes_to_audit_not_body(
     # The body is a fixed phrase per status: nothing of the rule or the identity leaks.
     body = {403: {"error": "forbidden"}, 401: {"error": "authentication required"}}[status]
     assert json.loads(reply.body) == body
-    (record,) = [r for r in caplog.records if r.name == "fastgate.audit"]
-    audit = record.audit
-    assert audit["reason"] == reason
-    assert audit["status"] == status
-    assert audit["middleware"] == "authz" and audit["type"] == "authorize"
-    assert audit["method"] == method and audit["path"] == "/orders/7"
-    assert audit["client_ip"] == "127.0.0.9"
-    assert audit["subject"] == (None if identity is None else "alice")
+    # The reason goes to the connection, which writes the audit line (route, client, method,
+    # path, request id, identity come from the exchange there).
+    event = DENY_FORBIDDEN if status == 403 else DENY_AUTH_FAILED
+    assert ctx.conn.denies == [(event, "authz", reason)]
+    assert caplog.records == []
     assert mw.stats()["denials"] == {reason: 1}
+    assert mw.route_failures == {("", reason): 1}  # the head has no route here
 
 
 def test_denials_are_counted_by_reason() -> None:
@@ -393,7 +397,7 @@ def test_denials_are_counted_by_reason() -> None:
         pytest.param({}, None, "dry_run: no identity", 401, id="would be 401"),
     ],
 )
-def test_dry_run_admits_and_audits(
+def test_dry_run_admits_and_logs(
     caplog: pytest.LogCaptureFixture,
     options: dict[str, Any],
     identity: Identity | None,
@@ -401,20 +405,33 @@ def test_dry_run_admits_and_audits(
     status: int,
 ) -> None:
     mw = Authorize({**options, "dry_run": True}, "authz")
-    with caplog.at_level(logging.INFO, logger="fastgate.audit"):
-        assert mw.on_request(request(identity)) is None
-    (record,) = [r for r in caplog.records if r.name == "fastgate.audit"]
-    assert record.audit["reason"] == reason
-    assert record.audit["status"] == status
+    ctx = request(identity)
+    with caplog.at_level(logging.INFO, logger="fastgate.authorize"):
+        assert mw.on_request(ctx) is None
+    assert ctx.conn.denies == []  # a dry-run denial is no refusal: no audit line
+    (record,) = [r for r in caplog.records if r.name == "fastgate.authorize"]
+    text = record.getMessage()
+    assert f"would deny {status}" in text and text.endswith(f"by authz: {reason}")
+    assert "client=127.0.0.9 GET /orders/7" in text
     assert mw.stats() == {"dry_run": True, "denials": {reason: 1}}
 
 
-def test_dry_run_admitted_request_is_not_audited(caplog: pytest.LogCaptureFixture) -> None:
+def test_dry_run_admitted_request_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
     mw = Authorize({"require": {"scopes": ["r"]}, "dry_run": True}, "authz")
-    with caplog.at_level(logging.INFO, logger="fastgate.audit"):
-        assert mw.on_request(request(ident(scopes=("r",)))) is None
-    assert [r for r in caplog.records if r.name == "fastgate.audit"] == []
+    ctx = request(ident(scopes=("r",)))
+    with caplog.at_level(logging.INFO, logger="fastgate.authorize"):
+        assert mw.on_request(ctx) is None
+    assert caplog.records == [] and ctx.conn.denies == []
     assert mw.stats()["denials"] == {}
+
+
+def test_connection_without_note_deny_still_refuses() -> None:
+    head, _ = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    mw = Authorize({"require": {"scopes": ["r"]}}, "authz")
+    for conn in (None, object()):
+        reply = mw.on_request(RequestContext(conn=conn, head=head, identity=ident()))
+        assert isinstance(reply, LocalReply) and reply.status == 403
+    assert mw.stats()["denials"] == {"missing scope r": 2}
 
 
 def test_registered_under_its_type() -> None:

@@ -5,7 +5,9 @@ import importlib.machinery
 
 import pytest
 
-MODULES = ["httphead", "body", "router", "writer", "conn", "ratelimit", "ratecheck"]
+MODULES = [
+    "httphead", "body", "router", "writer", "conn", "ratelimit", "ratecheck", "stats", "accesslog",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -296,13 +296,19 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "bool": ("false", False),
     "level": ("DEBUG", "debug"),
     "address": ("127.0.0.1:7000", "127.0.0.1:7000"),
+    "path": ("/var/log/fastgate/x.log", "/var/log/fastgate/x.log"),
+    "log_format": ("Combined", "combined"),
 }
+# Booleans whose default is false are set to true (the sample must differ from the default).
+TRUE_SAMPLE = ("on", True)
 BAD: dict[str, tuple[str, str]] = {
     "int": ("seven", "expected an integer, got 'seven'"),
     "float": ("soon", "expected a number of seconds, got 'soon'"),
     "bool": ("maybe", "expected true/false (or 1/0, yes/no, on/off), got 'maybe'"),
     "level": ("loud", "expected debug, info, warning or error, got 'loud'"),
     "address": ("nowhere", "expected host:port, got 'nowhere'"),
+    "path": ("  ", 'expected "-" (stdout), "stderr" or a file path'),
+    "log_format": ("xml", "expected json, common or combined, got 'xml'"),
 }
 SIMPLE_VARS = [pytest.param(v, id=v.name) for v in ENV_VARS if "<" not in v.name]
 
@@ -314,8 +320,10 @@ def test_table_kinds_have_samples() -> None:
 @pytest.mark.parametrize("var", SIMPLE_VARS)
 def test_each_variable_is_applied(var: EnvVar) -> None:
     text, expected = SAMPLES[var.kind]
-    config = build_config(minimal(), env={var.name: text})
     key = "entrypoints.web.address" if var.key == "listen" else var.key
+    if var.kind == "bool" and get(build_config(minimal(), env={}), key) is False:
+        text, expected = TRUE_SAMPLE
+    config = build_config(minimal(), env={var.name: text})
     assert get(config, key) == expected
     assert get(config, key) != get(build_config(minimal(), env={}), key)
 

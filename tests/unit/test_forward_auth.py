@@ -21,6 +21,7 @@ import pytest
 import trustme
 
 from fastgate._core.httphead import parse_request
+from fastgate.auth.common import deny_event
 from fastgate.client.http import HttpResponse
 from fastgate.errors import ConfigError
 from fastgate.middleware import forward_auth as fa
@@ -46,9 +47,14 @@ class Conn:
         self.tls_version = tls_version
         self.proto = "https" if tls_version else "http"
         self.request_body = request_body
+        self.denies: list[tuple[int, str, str]] = []
 
     def add_upstream_headers(self, lines: bytes) -> None:
         self.upstream.append(lines)
+
+    def note_deny(self, event: int, source: str, reason: str) -> None:
+        """The connection's record of a refusal (the audit line's who and why)."""
+        self.denies.append((event, source, reason))
 
 
 class Clock:
@@ -418,13 +424,16 @@ def test_denial_is_the_auth_service_answer(
     async def test(svc: AuthService) -> None:
         mw = middleware(svc)
         ctx = request(token)
-        with caplog.at_level(logging.INFO, logger="fastgate.audit"):
+        with caplog.at_level(logging.INFO):
             reply = await call(mw, ctx)
         assert reply == LocalReply(status, body, headers, content_type)
         assert ctx.identity is None and ctx.conn.upstream == []
         assert mw.stats()["failures"] == {f"denied by auth service ({status})": 1}
-        records = [r for r in caplog.records if r.name == "fastgate.audit"]
-        assert [r.audit["reason"] for r in records] == [f"denied by auth service ({status})"]
+        # Noted on the connection for the audit line (event by status: common.deny_event).
+        assert [(d[1], d[2]) for d in ctx.conn.denies] == [
+            (mw.name, f"denied by auth service ({status})")
+        ]
+        assert ctx.conn.denies[0][0] == deny_event(status)
         assert token not in caplog.text  # the credential is never logged
         await mw.client.close()
 

@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from fastgate._core.accesslog import DENY_AUTH_FAILED
 from fastgate._core.httphead import parse_request
 from fastgate.errors import ConfigError
 from fastgate.middleware import jwt_auth as jwt_auth_mod
@@ -306,11 +307,25 @@ def test_no_token_challenge_only(headers: dict[str, str]) -> None:
     assert www == 'Bearer realm="fastgate"'
 
 
-def test_refusal_logs_without_token(caplog: pytest.LogCaptureFixture) -> None:
+class DenyRecorder:
+    """A client connection's record of refusals (what the audit line is written from)."""
+
+    def __init__(self) -> None:
+        self.denies: list[tuple[int, str, str]] = []
+
+    def note_deny(self, event: int, source: str, reason: str) -> None:
+        self.denies.append((event, source, reason))
+
+
+def test_refusal_is_noted_without_token(caplog: pytest.LogCaptureFixture) -> None:
     text = token(key=OTHER_SECRET)
-    with caplog.at_level("INFO", logger="fastgate.audit"):
-        refusal(middleware().on_request(request(text)))
-    assert "bad signature" in caplog.text
+    ctx = request(text)
+    ctx.conn = DenyRecorder()
+    with caplog.at_level("DEBUG"):
+        refusal(middleware().on_request(ctx))
+    ((event, source, reason),) = ctx.conn.denies
+    assert (event, source) == (DENY_AUTH_FAILED, "auth") and "bad signature" in reason
+    assert text.split(".")[2] not in reason
     assert text not in caplog.text and text.split(".")[2] not in caplog.text
 
 

@@ -17,6 +17,7 @@ import pytest
 import trustme
 from ldap3.utils.dn import parse_dn
 
+from fastgate._core.accesslog import DENY_AUTH_UNAVAILABLE
 from fastgate._core.httphead import parse_request
 from fastgate.auth import ldap_directory as ld
 from fastgate.errors import ConfigError
@@ -37,9 +38,14 @@ class Conn:
 
     def __init__(self) -> None:
         self.upstream: list[bytes] = []
+        self.denies: list[tuple[int, str, str]] = []
 
     def add_upstream_headers(self, lines: bytes) -> None:
         self.upstream.append(lines)
+
+    def note_deny(self, event: int, source: str, reason: str) -> None:
+        """The connection's record of a refusal (the audit line's who and why)."""
+        self.denies.append((event, source, reason))
 
 
 def basic(user: str, password: str) -> str:
@@ -395,14 +401,16 @@ def test_optional_passes_without_credentials() -> None:
 def test_directory_down_fails_closed(caplog: pytest.LogCaptureFixture) -> None:
     mw = middleware()
     with caplog.at_level("DEBUG"):
-        replies = [run(mw, request(basic("alice", SECRET))) for _ in range(2)]
+        ctxs = [request(basic("alice", SECRET)) for _ in range(2)]
+        replies = [run(mw, ctx) for ctx in ctxs]
     for reply in replies:
         assert isinstance(reply, LocalReply) and reply.status == 503
         assert message(reply) == "directory unavailable"
     assert mw.common.failures == {"directory unavailable": 2}
     assert mw.stats()["cached"] == 0 and mw.stats()["unavailable"] == 2
-    audits = [r for r in caplog.records if r.name == "fastgate.audit"]
-    assert [r.audit["reason"] for r in audits] == ["directory unavailable"] * 2
+    # Each refusal is noted on its connection for the audit line: fail closed, unavailable.
+    for ctx in ctxs:
+        assert ctx.conn.denies == [(DENY_AUTH_UNAVAILABLE, mw.name, "directory unavailable")]
     warnings = [
         r for r in caplog.records if r.name == "fastgate.ldap_auth" and r.levelname == "WARNING"
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -144,22 +145,36 @@ def runtime_with(middlewares: dict[str, object], routes: dict[str, list[str]]) -
 def test_copier_adds_growth_once_and_survives_a_reload(tmp_path: Path) -> None:
     shard = Shard(str(tmp_path / "slot-0"))
     copier = TallyCopier(shard)
+    failures = Counter({("orders", "invalid api key"): 3})
+    auth = SimpleNamespace(type="api_key", common=SimpleNamespace(route_failures=failures))
+    runtime = runtime_with({"keys": auth}, {"orders": ["keys"]})
+    copier.copy(runtime, {})
+    copier.copy(runtime, {})  # nothing new: nothing added
+    row = ("orders", "keys", "invalid api key")
+    assert dict(shard.table(K_AUTH))[row][OFFSETS["failures"]] == 3
+    # A reload builds a new middleware that starts from 0: counters keep growing.
+    failures2 = Counter({("orders", "invalid api key"): 1})
+    auth2 = SimpleNamespace(type="api_key", common=SimpleNamespace(route_failures=failures2))
+    failures[("orders", "invalid api key")] += 1  # the old one counted once more as it retired
+    copier.copy(runtime_with({"keys": auth2}, {"orders": ["keys"]}), {})
+    assert dict(shard.table(K_AUTH))[row][OFFSETS["failures"]] == 5
+    assert id(auth) not in copier.seen
+
+
+def test_copier_leaves_rate_decisions_to_the_connection(tmp_path: Path) -> None:
+    # Rate decisions are counted per route in C at the exchange end (the exchange record's
+    # rate outcome), not copied from the middleware's tallies.
+    shard = Shard(str(tmp_path / "slot-0"))
+    copier = TallyCopier(shard)
     rl = registry.build("once", "rate_limit", {"rate": "1/hour"})
     for _ in range(3):
         rl.local.decide(b"k")
-    runtime = runtime_with({"once": rl}, {"limited": ["once"]})
-    copier.copy(runtime, {})
-    copier.copy(runtime, {})  # nothing new: nothing added
-    row = dict(shard.table(K_RATE))[("limited",)]
-    assert (row[OFFSETS["allowed"]], row[OFFSETS["limited"]]) == (1, 2)
-    # A reload builds a new middleware that starts from 0: counters keep growing.
-    rl2 = registry.build("once", "rate_limit", {"rate": "1/hour"})
-    rl2.local.decide(b"k")
-    rl.local.decide(b"k")  # the old generation still counted once more before it retired
-    copier.copy(runtime_with({"once": rl2}, {"limited": ["once"]}), {})
-    row = dict(shard.table(K_RATE))[("limited",)]
-    assert (row[OFFSETS["allowed"]], row[OFFSETS["limited"]]) == (2, 3)
-    assert id(rl) not in copier.seen
+    copier.copy(runtime_with({"once": rl}, {"limited": ["once"]}), {})
+    assert [labels for labels, _ in shard.table(K_RATE)] == [("_other",)]  # no row registered
+    assert all(not any(words) for _, words in shard.table(K_RATE))
+    row = shard.register_rate("limited")
+    shard.record(0, 429, rate=3, rate_row=row)  # what the connection does at the exchange end
+    assert dict(shard.table(K_RATE))[("limited",)][OFFSETS["limited"]] == 1
 
 
 def test_copier_auth_failures_and_tls(tmp_path: Path) -> None:

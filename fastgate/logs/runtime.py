@@ -1,0 +1,325 @@
+"""LogRuntime: one worker's log streams, their writers, flushing, counting, reload and drain.
+
+Rules this file obeys:
+- Nothing here runs per request. The C side formats each line into a stream's batch buffer
+  (fastgate/_core/accesslog.pyx); this file moves whole buffers to the BatchWriter threads:
+  when a stream's `on_ready` fires (64 KiB waiting: one `loop.call_soon`, re-armed by the
+  take) and on a timer every `flush_interval`. The loop never writes to a file itself.
+- Off costs nothing: with access, audit and span export all off, `engine.alog` is None and
+  the connection formats nothing; a stream that is off does not exist.
+- Nothing is lost on purpose and every loss is counted: lines refused by a full buffer
+  (`LogStream.dropped`), batches refused by a writer that is behind (over
+  max_pending_bytes), lines a write error lost, Python audit events over their rate limit;
+  once a second the growth of `lines` and of all those drops is added to the metric slot's
+  K_LOG rows (stream "access", "audit", "spans"), which /metrics reports as
+  fastgate_access_log_dropped_total.
+- Reload: a config whose log sections (and credential query parameters) are unchanged keeps
+  the running streams and writers; otherwise new ones are built first (a file that cannot be
+  opened refuses the reload, naming the key), installed in the engine, and then the old ones
+  are emptied and closed: no line is lost. Route rules (sample, errors) come with the
+  compiled routes and need no rebuild.
+- Drain: `close()` after the last exchange ended takes every buffer and waits (bounded, in
+  an executor thread) for the writers to finish.
+- The query keys whose values are redacted are the configured ones plus every query
+  parameter an auth middleware of the config reads a credential from (jwt_auth
+  `token_from: query:NAME`, api_key `query: NAME`), so a credential in a URL is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from fastgate._core import accesslog, ratecheck
+from fastgate._core.stats import OFFSETS
+from fastgate.config.schema import Config
+from fastgate.errors import ConfigError
+from fastgate.logs import events
+from fastgate.logs.writer import BatchWriter
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "COUNT_INTERVAL",
+    "K_LOG",
+    "LogRuntime",
+    "Sink",
+    "credential_query_keys",
+    "log_settings",
+]
+
+log = logging.getLogger("fastgate.logs")
+
+K_LOG = 5  # stats.pxd: the (stream,) table
+COUNT_INTERVAL = 1.0  # seconds between copies into the metric slot
+CLOSE_TIMEOUT = 5.0  # seconds a drain or reload waits for the writers
+FLUSH_AT = 64 << 10  # a batch is handed over as soon as this much waits
+
+
+def credential_query_keys(config: Config) -> tuple[str, ...]:
+    """Query parameters the config's auth middlewares read credentials from."""
+    keys: dict[str, None] = {}
+    for mw in config.middlewares.values():
+        options = mw.options
+        if mw.type == "jwt_auth":
+            source = options.get("token_from")
+            if isinstance(source, str) and source.startswith("query:"):
+                keys[source.partition(":")[2].strip()] = None
+        elif mw.type == "api_key":
+            name = options.get("query")
+            if isinstance(name, str):
+                keys[name] = None
+    return tuple(k for k in keys if k)
+
+
+def log_settings(config: Config) -> tuple[Any, ...]:
+    """What the streams and writers are built from: equal settings keep them on reload."""
+    return (config.access_log, config.audit_log, config.tracing, credential_query_keys(config))
+
+
+def redact_keys(config: Config) -> tuple[str, ...]:
+    keys = (*config.access_log.redact_query_keys, *credential_query_keys(config))
+    return tuple(dict.fromkeys(k.lower() for k in keys))
+
+
+class Sink:
+    """One stream of one worker: its LogStream and where its batches go (a BatchWriter, or
+    the span exporter which takes from the stream itself), with the counts already copied
+    to the metric slot."""
+
+    def __init__(
+        self, name: str, stream: Any, writer: BatchWriter | None, interval: float = 1.0
+    ) -> None:
+        self.name = name
+        self.stream = stream
+        self.writer = writer
+        self.interval = interval  # seconds between timed hand-overs
+        self.exporter: Any = None
+        self.refused_lines = 0  # in batches the writer refused (behind: max_pending)
+        self.extra_dropped = 0  # Python audit events dropped before reaching the stream
+        self.copied = (0, 0)  # (lines, dropped) already added to the slot
+        self.scheduled = False
+
+    def take(self) -> None:
+        """Hand what the stream holds to the writer (on the loop; never blocks)."""
+        self.scheduled = False
+        if self.writer is None:
+            return
+        batch = self.stream.take()
+        if batch and not self.writer.submit(batch):
+            self.refused_lines += batch.count(b"\n")
+
+    def counts(self) -> tuple[int, int]:
+        """(lines accepted, lines dropped anywhere) so far."""
+        dropped = self.stream.dropped + self.refused_lines + self.extra_dropped
+        if self.writer is not None:
+            dropped += self.writer.error_lines
+        if self.exporter is not None:
+            dropped += getattr(self.exporter, "dropped_spans", 0)
+            dropped += getattr(self.exporter, "failed_spans", 0)
+        return self.stream.lines, dropped
+
+
+class LogRuntime:
+    """The streams, writers and AccessLog of one worker for one set of log settings."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        shard: Any = None,
+        stdout_fd: int = 1,
+    ) -> None:
+        self.loop = loop
+        self.shard = shard
+        self.settings = log_settings(config)
+        self.sinks: dict[str, Sink] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._rows: dict[str, int] = {}
+        self.closed = False
+        try:
+            self._build(config, stdout_fd)
+        except BaseException:
+            self._close_writers_now()
+            raise
+        access, audit, spans = (self.sinks.get(n) for n in ("access", "audit", "spans"))
+        if access is None and audit is None and spans is None:
+            self.alog = None
+        else:
+            cfg = config.access_log
+            self.alog = accesslog.AccessLog(
+                access=access.stream if access else None,
+                audit=audit.stream if audit else None,
+                spans=spans.stream if spans else None,
+                format=cfg.format,
+                sample=cfg.sample,
+                log_errors=cfg.always_log_errors,
+                redact=redact_keys(config),
+                drop_query=cfg.drop_query,
+            )
+
+    # ---- building ----------------------------------------------------------------------------
+
+    def _build(self, config: Config, stdout_fd: int) -> None:
+        sections = (
+            ("access", "access_log", config.access_log),
+            ("audit", "audit_log", config.audit_log),
+        )
+        for name, key, cfg in sections:
+            if not cfg.enabled:
+                continue
+            stream = _stream(cfg.buffer_bytes)
+            try:
+                writer = BatchWriter(cfg.path, cfg.max_pending_bytes, name, stdout_fd)
+            except OSError as exc:
+                raise ConfigError(
+                    f"{key}.path", f"cannot open {cfg.path}: {exc.strerror or exc}"
+                ) from None
+            self.sinks[name] = Sink(name, stream, writer, cfg.flush_interval)
+        otlp_cfg = config.tracing.otlp
+        if otlp_cfg is not None:
+            try:
+                from fastgate.logs import otlp
+            except ImportError:
+                log.warning("tracing.otlp is set but OTLP export not available in this build")
+            else:
+                sink = Sink("spans", _stream(otlp_cfg.buffer_bytes), None)
+                sink.exporter = otlp.start(sink.stream, otlp_cfg)
+                self.sinks["spans"] = sink
+
+    def install(self, engine: Any) -> None:
+        """Make the engine write through this runtime (None: nothing is logged)."""
+        engine.alog = self.alog
+        engine.client_resolver = getattr(ratecheck, "resolved_client_ip", None)
+        audit = self.sinks.get("audit")
+        events.install(audit.stream if audit is not None else None)
+
+    def start(self) -> None:
+        """Arm the flush triggers and timers, and the once-a-second count."""
+        for name, sink in self.sinks.items():
+            if sink.writer is None:
+                continue  # the exporter takes from its stream itself
+            sink.stream.on_ready = self._on_ready_for(sink)
+            self._timers[name] = self.loop.call_later(sink.interval, self._tick, sink)
+        if self.shard is not None:
+            self._timers[""] = self.loop.call_later(COUNT_INTERVAL, self._count_tick)
+
+    def _on_ready_for(self, sink: Sink) -> Any:
+        loop = self.loop
+
+        def on_ready() -> None:
+            # Called from C in the middle of an exchange end: only schedule the take.
+            if not sink.scheduled and not self.closed:
+                sink.scheduled = True
+                loop.call_soon(sink.take)
+
+        return on_ready
+
+    def _tick(self, sink: Sink) -> None:
+        if self.closed:
+            return
+        sink.take()
+        self._timers[sink.name] = self.loop.call_later(sink.interval, self._tick, sink)
+
+    def _count_tick(self) -> None:
+        if self.closed:
+            return
+        self.count()
+        self._timers[""] = self.loop.call_later(COUNT_INTERVAL, self._count_tick)
+
+    # ---- counting ----------------------------------------------------------------------------
+
+    def count(self) -> None:
+        """Add each stream's growth of lines and drops to the slot's K_LOG rows."""
+        if self.shard is None:
+            return
+        audit = self.sinks.get("audit")
+        if audit is not None:
+            audit.extra_dropped += events.take_dropped()
+        for name, sink in self.sinks.items():
+            lines, dropped = sink.counts()
+            old_lines, old_dropped = sink.copied
+            sink.copied = (lines, dropped)
+            row = self._rows.get(name)
+            if row is None:
+                row = self._rows[name] = self.shard.register_log(name)
+            if lines > old_lines:
+                self.shard.add_count(K_LOG, row, OFFSETS["log_lines"], lines - old_lines)
+            if dropped > old_dropped:
+                self.shard.add_count(K_LOG, row, OFFSETS["log_dropped"], dropped - old_dropped)
+
+    # ---- signals, reload, drain --------------------------------------------------------------
+
+    def reopen(self) -> None:
+        """SIGUSR1: every file writer opens its path again (after logrotate's rename)."""
+        for sink in self.sinks.values():
+            if sink.writer is not None:
+                sink.writer.reopen()
+
+    def flush(self) -> None:
+        """Hand every buffer to its writer now."""
+        for sink in self.sinks.values():
+            sink.take()
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> bool:
+        """Take everything, stop the exporter, wait (bounded, off the loop) for the writers
+        to write it, count one last time; True when all finished in time."""
+        if self.closed:
+            return True
+        self.flush()
+        self.closed = True
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        done = True
+        for sink in self.sinks.values():
+            sink.stream.on_ready = None
+            if sink.exporter is not None:
+                done = await _close_exporter(sink.exporter, timeout) and done
+        writers = [s.writer for s in self.sinks.values() if s.writer is not None]
+        if writers:
+            done = await self.loop.run_in_executor(None, _close_all, writers, timeout) and done
+        self.count()
+        if not done:
+            log.warning("log writers did not finish within %gs; some lines may be lost", timeout)
+        return done
+
+    def _close_writers_now(self) -> None:
+        for sink in self.sinks.values():
+            if sink.writer is not None:
+                sink.writer.close(0)
+
+
+def _stream(capacity: int) -> Any:
+    return accesslog.LogStream(capacity, min(FLUSH_AT, capacity // 2))
+
+
+def _close_all(writers: Iterable[BatchWriter], timeout: float) -> bool:
+    """Close the writers (in parallel: each has its own thread) within `timeout` overall."""
+    writers = list(writers)
+    for w in writers:
+        w.close(0)  # ask them all first
+    deadline = time.monotonic() + timeout
+    ok = True
+    for w in writers:
+        ok = w.close(max(0.0, deadline - time.monotonic())) and ok
+    return ok
+
+
+async def _close_exporter(exporter: Any, timeout: float) -> bool:
+    close = getattr(exporter, "close", None)
+    if close is None:
+        return True
+    try:
+        result = close()
+        if inspect.isawaitable(result):
+            await asyncio.wait_for(result, timeout)
+    except asyncio.TimeoutError:
+        return False
+    except Exception:
+        log.exception("OTLP exporter: close failed")
+        return False
+    return True
