@@ -30,19 +30,34 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _origin import ORIGIN, exchange, free_port  # noqa: E402
 
-SCENARIOS: dict[str, dict[str, Any] | None] = {
-    "plain": None,
-    "rate limit, local, client IP": {
-        "type": "rate_limit",
-        "rate": "1000000/second",
-        "burst": 100_000_000,
-        "key": "client_ip",
-        "store": "local",
-    },
+# name -> (the route's middleware or None, top-level config added; "{tmp}" in a string value
+# is the run's temporary directory).
+SCENARIOS: dict[str, tuple[dict[str, Any] | None, dict[str, Any]]] = {
+    "plain": (None, {}),
+    "rate limit, local, client IP": (
+        {
+            "type": "rate_limit",
+            "rate": "1000000/second",
+            "burst": 100_000_000,
+            "key": "client_ip",
+            "store": "local",
+        },
+        {},
+    ),
+    "access log, json, to a file": (
+        None,
+        {"access_log": {"enabled": True, "path": "{tmp}/access.log", "format": "json"}},
+    ),
 }
 
 
-def config_for(port: int, origin_port: int, middleware: dict[str, Any] | None) -> dict[str, Any]:
+def config_for(
+    port: int,
+    origin_port: int,
+    middleware: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+    tmp: str = "",
+) -> dict[str, Any]:
     route: dict[str, Any] = {"name": "r", "match": {"path": "/"}, "service": "o"}
     config: dict[str, Any] = {
         "workers": 1,
@@ -54,6 +69,10 @@ def config_for(port: int, origin_port: int, middleware: dict[str, Any] | None) -
     if middleware is not None:
         route["middlewares"] = ["m"]
         config["middlewares"] = {"m": middleware}
+    for key, value in (extra or {}).items():
+        config[key] = {
+            k: v.replace("{tmp}", tmp) if isinstance(v, str) else v for k, v in value.items()
+        }
     return config
 
 
@@ -155,11 +174,11 @@ def main() -> int:
     try:
         assert origin.stdout is not None and origin.stdout.readline().strip() == "ready"
         with tempfile.TemporaryDirectory() as tmp:
-            for name, mw in SCENARIOS.items():
+            for name, (mw, extra) in SCENARIOS.items():
                 totals = []
                 for n in (args.n1, args.n2):
                     t0 = time.monotonic()
-                    cfg = config_for(free_port(), origin_port, mw)
+                    cfg = config_for(free_port(), origin_port, mw, extra, tmp)
                     totals.append(count(cfg, n, Path(tmp) / f"cg.{len(results)}.{n}"))
                     print(
                         f"  {name}: {n} requests: {totals[-1]:,} instructions "

@@ -21,6 +21,10 @@ cdef enum LogWant:        # AccessLog.select() result bits
     WANT_AUDIT = 2
     WANT_SPAN = 4
 
+cdef enum:                # LogFields.preescaped bits: the Text is already a JSON string
+    PRE_SERVICE = 1       #   (json_string(): quotes included), copied as it is
+    PRE_SERVER = 2
+
 cdef enum:
     SAMPLE_ALL = 0xFFFFFFFF   # a u32 sample threshold that logs every exchange
     MAX_LINE = 16384          # a stream keeps at least this much room for the next line
@@ -32,6 +36,10 @@ cdef struct Text:
     Py_ssize_t n
 
 cdef struct LogFields:
+    # request_id, trace_id, span_id, parent_span_id and method must be JSON-safe (printable
+    # ASCII without '"' or '\\'): they are copied without an escaping pass. The connection's
+    # are: ids it made or checked (writer.client_request_id), hex trace ids, the method token
+    # the parser checked.
     const ExchangeRecord *rec   # status, bytes, times (monotonic ns), rate, deny
     Text request_id
     Text trace_id               # 32 lowercase hex, or absent
@@ -54,12 +62,49 @@ cdef struct LogFields:
     Text tls_version            # "TLSv1.3", ...; absent on plain TCP
     Text deny_source            # the middleware (config name) that refused, when rec.deny
     Text deny_reason            # a fixed phrase, never a credential
+    Text names                  # optional: names_fragment(entrypoint, route) of this route,
+                                #   used instead of escaping `entrypoint` and `route` per line
+    int preescaped              # PRE_* bits: service / server are json_string() values
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+
+cdef struct Writer:
+    # The stream's writer thread (a pthread: it never takes the GIL). It swaps the stream's
+    # buffer with `spare` under `lock` and writes the full one to `fd` while the loop fills
+    # the other. Counters are written by the thread only and read by Python (aligned words).
+    pthread_mutex_t lock
+    pthread_cond_t cond
+    pthread_t thread
+    char *spare                 # the buffer being written (capacity bytes)
+    int fd                      # where batches go
+    int new_fd                  # >= 0: switch to it before the next batch (reopen)
+    bint owned                  # the writer closes fd when it is replaced or stopped
+    bint new_owned
+    bint chunked                # a pipe or socket: writes of at most PIPE_BUF at line ends
+    bint new_chunked
+    bint stopping               # write what is left, then end
+    long long interval_ns       # a partial batch is written after this long
+    unsigned long long written_bytes
+    unsigned long long error_lines    # lines a failed write lost
+    unsigned long long errors         # failed writes
+    int last_errno
+    char **buf                  # the stream's own fields (the LogStream outlives the thread)
+    size_t *length
+    bint *notified
+    size_t flush_at
 
 cdef class LogStream:
-    # One stream's batch buffer in one worker. Filled by AccessLog.write (and write_line),
-    # emptied by take(). When its length passes `flush_at`, `on_ready()` (a Python callable)
-    # is called once, so the owner can schedule a take() soon; it is called again only after
-    # the next take().
+    # One stream's batch buffer in one worker. Filled by AccessLog.write (and write_line).
+    # Emptied either by take() (a Python consumer: the OTLP sender), with `on_ready()` called
+    # once when the length passes `flush_at` so the owner can schedule a take() soon; or by a
+    # writer thread (start_writer: the access and audit logs), which is woken at flush_at and
+    # otherwise writes every interval. With a writer, reserve() takes its lock and
+    # commit()/drop() release it: a line is formatted under the lock (a few hundred ns).
     cdef char *buf
     cdef size_t length
     cdef size_t capacity
@@ -68,8 +113,11 @@ cdef class LogStream:
     cdef public object on_ready
     cdef readonly unsigned long long lines      # lines accepted
     cdef readonly unsigned long long dropped    # lines refused: no room
+    cdef Writer *w                              # NULL: no writer thread
+    cdef object keepalive                       # self while the writer thread runs
     # Room for n more bytes (n <= MAX_LINE): a pointer to write at, or NULL (then the line
-    # is dropped and counted by the caller through drop()).
+    # is dropped and counted by the caller through drop()). Every reserve() is followed by
+    # exactly one commit() or drop().
     cdef char *reserve(self, size_t n) noexcept
     # The line written at the reserved pointer is `n` bytes long (its '\n' included).
     cdef void commit(self, size_t n) noexcept

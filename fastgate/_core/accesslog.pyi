@@ -16,6 +16,8 @@ FMT_COMBINED: Final[int]  # Common + "referer" "user-agent"
 WANT_ACCESS: Final[int]  # AccessLog.select() result bits
 WANT_AUDIT: Final[int]
 WANT_SPAN: Final[int]
+PRE_SERVICE: Final[int]  # LogFields.preescaped bits (json_string values)
+PRE_SERVER: Final[int]
 
 SAMPLE_ALL: Final[int]  # 0xFFFFFFFF: the u32 sample threshold that logs every exchange
 MAX_LINE: Final[int]  # the longest line (bytes, newline included); a stream keeps this room
@@ -40,6 +42,15 @@ DENY_EVENTS: Final[dict[int, str]]  # DENY_* -> audit "event" name ("auth_failed
 def sample_threshold(rate: float) -> int:
     """The u32 threshold for a sample rate: 1.0 -> SAMPLE_ALL, 0.0 -> 0, else
     int(rate * 2**32) clamped to 0..SAMPLE_ALL. ValueError for NaN."""
+
+def names_fragment(entrypoint: str, route: str | None = None) -> bytes | None:
+    """`"entrypoint":"..","route":".."` escaped as a line holds them (kept per route by the
+    connection so the names are not escaped per line); None when over 512 bytes."""
+
+def json_string(value: str) -> bytes:
+    """`value` as a JSON string (quotes included), escaped and cut as a line field is: what
+    the connection keeps per route / server and passes pre-escaped (PRE_SERVICE,
+    PRE_SERVER)."""
 
 def redact_target(target: bytes, redact: Iterable[str] = (), drop_query: bool = False) -> bytes:
     """The request target with its query redacted as the log writes it, before escaping and
@@ -154,6 +165,8 @@ class AccessLog:
         tls_version: bytes | None = None,
         deny_source: bytes | None = None,
         deny_reason: bytes | None = None,
+        names: bytes | None = None,
+        preescaped: int = 0,
     ) -> None:
         """write() of one exchange built from the arguments (tests): None is an absent field;
         `upstream_ns` None means not forwarded; TypeError on an unknown field."""

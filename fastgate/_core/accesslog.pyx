@@ -77,6 +77,8 @@ cdef enum:
     MAX_KEY = 256           # longest redact key (bytes); a longer query key never matches
     PATH_BUF = MAX_PATH_LOG + 8     # the redacted path, enough to know it is over the limit
     REFERER_BUF = MAX_VALUE_LOG + 8 # the redacted referer (combined format), likewise
+    MAX_NAMES = 512                 # longest names_fragment kept
+    SAFE_MAX = 128                  # longest pre-checked field copied without escaping
 
 DENY_EVENTS = {
     DENY_AUTH_FAILED: "auth_failed",
@@ -352,6 +354,86 @@ cdef inline char *_js(char *o, char *end, const Text *t, Py_ssize_t limit) noexc
     return o + 1
 
 
+
+cdef inline char *_jsafe(char *o, char *end, const Text *t) noexcept nogil:
+    """A Text the caller guarantees is JSON-safe (printable ASCII without '"' or '\\': the
+    request id the writer checked or made, the hex trace ids, the method token the parser
+    checked), as a JSON string without an escaping pass; a long one takes the escaping path,
+    which keeps to the line's budget. absent -> null."""
+    if t.p == NULL:
+        return _put(o, b"null")
+    if t.n > SAFE_MAX:
+        return _js(o, end, t, MAX_VALUE_LOG)
+    o[0] = b'"'
+    memcpy(o + 1, t.p, t.n)
+    o[t.n + 1] = b'"'
+    return o + t.n + 2
+
+
+cdef inline char *_jpre(char *o, char *end, const Text *t, int pre) noexcept nogil:
+    """A Text as a JSON string; with `pre` it already is one (json_string(), quotes
+    included) and is copied, or cut to "..." when the line's budget has no room for it."""
+    if not pre or t.p == NULL:
+        return _js(o, end, t, MAX_VALUE_LOG)
+    if o + t.n > end:
+        return _put(o, b'"..."')
+    memcpy(o, t.p, t.n)
+    return o + t.n
+
+
+def json_string(str value not None):
+    """`value` as a JSON string (quotes included), escaped and cut exactly as write() does a
+    field: what a connection may keep per route or server and pass pre-escaped (PRE_*)."""
+    cdef Text t
+    cdef char buf[MAX_VALUE_LOG * 6 + 16]
+    b = value.encode("utf-8", "surrogateescape")
+    t.p = PyBytes_AS_STRING(b)
+    t.n = PyBytes_GET_SIZE(b)
+    cdef char *o = _js(buf, buf + sizeof(buf), &t, MAX_VALUE_LOG)
+    return PyBytes_FromStringAndSize(buf, o - buf)
+
+
+cdef inline char *_names(char *o, char *end, const LogFields *f) noexcept nogil:
+    """`,"entrypoint":...,"route":...`: the route's preformatted fragment (names_fragment) when
+    the connection has one, else the two fields escaped now."""
+    if f.names.p != NULL:
+        if o + 1 + f.names.n > end:
+            # No room left in this line's string budget: the names are cut to nothing.
+            return _put(o, b',"entrypoint":"...","route":"..."')
+        o[0] = b','
+        memcpy(o + 1, f.names.p, f.names.n)
+        return o + 1 + f.names.n
+    o = _put(o, b',"entrypoint":')
+    o = _js(o, end, &f.entrypoint, MAX_VALUE_LOG)
+    o = _put(o, b',"route":')
+    return _js(o, end, &f.route, MAX_VALUE_LOG)
+
+
+def names_fragment(str entrypoint not None, str route=None):
+    """`"entrypoint":"<e>","route":"<r>"` (route null when None) escaped exactly as write()
+    escapes them: the connection keeps one per route so the names are not escaped per line.
+    None when the fragment would be longer than MAX_NAMES bytes (then each line escapes the
+    names itself, within its length budget)."""
+    cdef Text e, r
+    cdef char buf[2 * MAX_VALUE_LOG * 6 + 64]
+    cdef char *o = buf
+    eb = entrypoint.encode("utf-8", "surrogateescape")
+    e.p = PyBytes_AS_STRING(eb)
+    e.n = PyBytes_GET_SIZE(eb)
+    r.p = NULL
+    r.n = 0
+    if route is not None:
+        rb = route.encode("utf-8", "surrogateescape")
+        r.p = PyBytes_AS_STRING(rb)
+        r.n = PyBytes_GET_SIZE(rb)
+    o = _put(o, b'"entrypoint":')
+    o = _js(o, buf + sizeof(buf), &e, MAX_VALUE_LOG)
+    o = _put(o, b',"route":')
+    o = _js(o, buf + sizeof(buf), &r, MAX_VALUE_LOG)
+    if o - buf > MAX_NAMES:
+        return None
+    return PyBytes_FromStringAndSize(buf, o - buf)
+
 cdef inline char *_jsraw(char *o, char *end, const char *p, Py_ssize_t n,
                          Py_ssize_t limit) noexcept nogil:
     if p == NULL:
@@ -594,25 +676,22 @@ cdef Py_ssize_t _access_json(char *line, const LogFields *f, const timespec *ts,
     o[0] = b'{'
     o = _time_json(o + 1, ts)
     o = _put(o, b',"type":"access","request_id":')
-    o = _js(o, end, &f.request_id, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.request_id)
     o = _put(o, b',"trace_id":')
-    o = _js(o, end, &f.trace_id, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.trace_id)
     o = _put(o, b',"span_id":')
-    o = _js(o, end, &f.span_id, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.span_id)
     o = _put(o, b',"client_ip":')
     o = _client_ip(o, end, f)
     o = _put(o, b',"identity":')
     o = _identity(o, end, f)
-    o = _put(o, b',"entrypoint":')
-    o = _js(o, end, &f.entrypoint, MAX_VALUE_LOG)
-    o = _put(o, b',"route":')
-    o = _js(o, end, &f.route, MAX_VALUE_LOG)
+    o = _names(o, end, f)
     o = _put(o, b',"service":')
-    o = _js(o, end, &f.service, MAX_VALUE_LOG)
+    o = _jpre(o, end, &f.service, f.preescaped & PRE_SERVICE)
     o = _put(o, b',"server":')
-    o = _js(o, end, &f.server, MAX_VALUE_LOG)
+    o = _jpre(o, end, &f.server, f.preescaped & PRE_SERVER)
     o = _put(o, b',"method":')
-    o = _js(o, end, &f.method, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.method)
     o = _put(o, b',"path":')
     o = _jsraw(o, end, path, path_n, MAX_PATH_LOG)
     o = _put(o, b',"protocol":')
@@ -728,19 +807,16 @@ cdef Py_ssize_t _audit_json(char *line, const LogFields *f, const timespec *ts,
     o = _put(o, b',"source":')
     o = _js(o, end, &f.deny_source, MAX_VALUE_LOG)
     o = _put(o, b',"request_id":')
-    o = _js(o, end, &f.request_id, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.request_id)
     o = _put(o, b',"trace_id":')
-    o = _js(o, end, &f.trace_id, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.trace_id)
     o = _put(o, b',"client_ip":')
     o = _client_ip(o, end, f)
     o = _put(o, b',"identity":')
     o = _identity(o, end, f)
-    o = _put(o, b',"entrypoint":')
-    o = _js(o, end, &f.entrypoint, MAX_VALUE_LOG)
-    o = _put(o, b',"route":')
-    o = _js(o, end, &f.route, MAX_VALUE_LOG)
+    o = _names(o, end, f)
     o = _put(o, b',"method":')
-    o = _js(o, end, &f.method, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.method)
     o = _put(o, b',"path":')
     o = _jsraw(o, end, path, path_n, MAX_PATH_LOG)
     o = _put(o, b',"status":')
@@ -771,9 +847,9 @@ cdef Py_ssize_t _span_json(char *line, const LogFields *f, const timespec *ts,
     if <unsigned long long>d > t_end:
         d = <long long>t_end
     o = _put(o, b'{"traceId":')
-    o = _js(o, end, &f.trace_id, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.trace_id)
     o = _put(o, b',"spanId":')
-    o = _js(o, end, &f.span_id, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.span_id)
     if f.parent_span_id.p != NULL:
         o = _put(o, b',"parentSpanId":')
         o = _js(o, end, &f.parent_span_id, MAX_VALUE_LOG)
@@ -792,7 +868,7 @@ cdef Py_ssize_t _span_json(char *line, const LogFields *f, const timespec *ts,
     o = _put(o, b'","attributes":[')
     if f.method.p != NULL:
         o = _attr(o, b"http.request.method")
-        o = _js(o, end, &f.method, MAX_VALUE_LOG)
+        o = _jsafe(o, end, &f.method)
         o = _put(o, b"}},")
     if path != NULL:
         o = _attr(o, b"url.path")
@@ -810,14 +886,14 @@ cdef Py_ssize_t _span_json(char *line, const LogFields *f, const timespec *ts,
     o = _put(o, b"}},")
     if f.service.p != NULL:
         o = _attr(o, b"fastgate.service")
-        o = _js(o, end, &f.service, MAX_VALUE_LOG)
+        o = _jpre(o, end, &f.service, f.preescaped & PRE_SERVICE)
         o = _put(o, b"}},")
     if f.server.p != NULL:
         o = _attr(o, b"fastgate.server")
-        o = _js(o, end, &f.server, MAX_VALUE_LOG)
+        o = _jpre(o, end, &f.server, f.preescaped & PRE_SERVER)
         o = _put(o, b"}},")
     o = _attr(o, b"fastgate.request_id")
-    o = _js(o, end, &f.request_id, MAX_VALUE_LOG)
+    o = _jsafe(o, end, &f.request_id)
     o = _put(o, b'}}],"status":{"code":')
     if r.status >= 500 or r.status == 0:
         o = _put(o, b"2}}\n")
@@ -860,6 +936,157 @@ cdef void _notify(LogStream s) noexcept:
         pass
 
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_condattr_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_condattr_init(pthread_condattr_t *a)
+    int pthread_condattr_setclock(pthread_condattr_t *a, int clock)
+    int pthread_condattr_destroy(pthread_condattr_t *a)
+    int pthread_cond_init(pthread_cond_t *c, const pthread_condattr_t *a)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_signal(pthread_cond_t *c)
+    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
+    int pthread_create(pthread_t *t, const void *attr, void *(*fn)(void *) noexcept nogil,
+                       void *arg)
+    int pthread_timedjoin_np(pthread_t t, void **ret, const timespec *abstime)
+
+cdef extern from "<string.h>" nogil:
+    void *memrchr(const void *s, int c, size_t n)
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLOUT
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t c_write "write"(int fd, const void *buf, size_t n)
+    int c_close "close"(int fd)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINTR
+    int EAGAIN
+
+cdef extern from "<limits.h>":
+    int PIPE_BUF
+
+
+cdef Py_ssize_t _write_all(int fd, const char *p, size_t n) noexcept nogil:
+    """Write p[:n] whole (retrying partial writes, EINTR, and EAGAIN on a descriptor someone
+    made non-blocking); 0, or -1 with errno set."""
+    cdef ssize_t k
+    cdef pollfd pfd
+    while n > 0:
+        k = c_write(fd, p, n)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                pfd.fd = fd
+                pfd.events = POLLOUT
+                poll(&pfd, 1, 1000)
+                continue
+            return -1
+        p += k
+        n -= k
+    return 0
+
+
+cdef size_t _count_lines(const char *p, size_t n) noexcept nogil:
+    cdef size_t lines = 0
+    cdef const char *q
+    while n > 0:
+        q = <const char *>memchr(p, b'\n', n)
+        if q == NULL:
+            break
+        lines += 1
+        n -= (q + 1) - p
+        p = q + 1
+    return lines
+
+
+cdef void _write_batch(Writer *w, int fd, bint chunked, const char *p, size_t n) noexcept nogil:
+    """Write one batch of whole lines: at once to a file (O_APPEND keeps it whole), or in
+    pieces of at most PIPE_BUF bytes cut at line ends to a pipe or socket, so the kernel keeps
+    each piece atomic and lines of workers sharing the pipe never interleave (a line longer
+    than PIPE_BUF goes alone). A failed write loses the rest of the batch, counted."""
+    cdef size_t pos = 0, stop
+    cdef const char *q
+    while pos < n:
+        stop = n
+        if chunked and n - pos > <size_t>PIPE_BUF:
+            q = <const char *>memrchr(p + pos, b'\n', PIPE_BUF)
+            if q != NULL:
+                stop = (q + 1) - p
+            else:
+                q = <const char *>memchr(p + pos, b'\n', n - pos)
+                stop = n if q == NULL else <size_t>((q + 1) - p)
+        if _write_all(fd, p + pos, stop - pos) < 0:
+            w.last_errno = errno
+            w.errors += 1
+            w.error_lines += _count_lines(p + pos, n - pos)
+            return
+        w.written_bytes += stop - pos
+        pos = stop
+
+
+cdef void *_writer_main(void *arg) noexcept nogil:
+    """The writer thread: sleep until the stream passes flush_at (commit signals), the
+    interval passes, a reopen or a stop; swap the buffers under the lock; write unlocked."""
+    cdef Writer *w = <Writer *>arg
+    cdef Writer *c = w
+    cdef timespec deadline
+    cdef char *full
+    cdef size_t n
+    cdef int fd
+    cdef bint chunked, stop
+    pthread_mutex_lock(&w.lock)
+    while True:
+        if c.length[0] < c.flush_at and not w.stopping and w.new_fd < 0:
+            clock_gettime(CLOCK_MONOTONIC, &deadline)
+            deadline.tv_sec += w.interval_ns // 1000000000
+            deadline.tv_nsec += w.interval_ns % 1000000000
+            if deadline.tv_nsec >= 1000000000:
+                deadline.tv_sec += 1
+                deadline.tv_nsec -= 1000000000
+            pthread_cond_timedwait(&w.cond, &w.lock, &deadline)
+        if w.new_fd >= 0:
+            if w.owned:
+                c_close(w.fd)
+            w.fd = w.new_fd
+            w.owned = w.new_owned
+            w.chunked = w.new_chunked
+            w.new_fd = -1
+        n = c.length[0]
+        full = c.buf[0]
+        if n:
+            c.buf[0] = w.spare
+            w.spare = full
+            c.length[0] = 0
+        c.notified[0] = False
+        stop = w.stopping
+        fd = w.fd
+        chunked = w.chunked
+        pthread_mutex_unlock(&w.lock)
+        if n:
+            _write_batch(w, fd, chunked, full, n)
+        pthread_mutex_lock(&w.lock)
+        if stop and c.length[0] == 0:
+            break
+    if w.owned:
+        c_close(w.fd)
+        w.owned = False
+    pthread_mutex_unlock(&w.lock)
+    return NULL
+
+
 cdef class LogStream:
     """One stream's batch buffer in one worker (see accesslog.pyi)."""
 
@@ -868,8 +1095,11 @@ cdef class LogStream:
         self.length = 0
         self.capacity = 0
         self.notified = False
+        self.w = NULL
 
     def __init__(self, Py_ssize_t capacity=1 << 20, Py_ssize_t flush_at=64 << 10):
+        if self.w != NULL:
+            raise RuntimeError("the stream has a writer thread")
         if capacity < 2 * MAX_LINE:
             raise ValueError(f"capacity must be at least {2 * MAX_LINE} bytes")
         if flush_at < 0 or flush_at > capacity:
@@ -886,11 +1116,20 @@ cdef class LogStream:
         self.notified = False
 
     def __dealloc__(self):
+        # A running writer holds a reference (keepalive): it has ended or was never started.
+        if self.w != NULL:
+            pthread_cond_destroy(&self.w.cond)
+            pthread_mutex_destroy(&self.w.lock)
+            free(self.w.spare)
+            free(self.w)
+            self.w = NULL
         if self.buf != NULL:
             free(self.buf)
             self.buf = NULL
 
     cdef char *reserve(self, size_t n) noexcept:
+        if self.w != NULL:
+            pthread_mutex_lock(&self.w.lock)
         if self.length + n > self.capacity:     # also when not initialised (capacity 0)
             return NULL
         return self.buf + self.length
@@ -898,16 +1137,134 @@ cdef class LogStream:
     cdef void commit(self, size_t n) noexcept:
         self.length += n
         self.lines += 1
-        if not self.notified and self.length >= self.flush_at and self.on_ready is not None:
+        if self.w != NULL:
+            if not self.notified and self.length >= self.flush_at:
+                self.notified = True
+                pthread_cond_signal(&self.w.cond)
+            pthread_mutex_unlock(&self.w.lock)
+        elif not self.notified and self.length >= self.flush_at and self.on_ready is not None:
             _notify(self)
 
     cdef void drop(self) noexcept:
         self.dropped += 1
+        if self.w != NULL:
+            pthread_mutex_unlock(&self.w.lock)
+
+    # ---- the writer thread ---------------------------------------------------------------
+
+    def start_writer(self, int fd, bint chunked=False, double interval=0.2, bint owned=True):
+        """Write this stream's batches to `fd` from a thread of its own (no GIL): woken when
+        flush_at bytes wait, else every `interval` seconds. `chunked`: fd is a pipe or socket
+        (writes of at most PIPE_BUF bytes at line ends). `owned`: the writer closes fd when
+        it is replaced (reopen) or stopped."""
+        cdef Writer *w
+        cdef pthread_condattr_t attr
+        if self.w != NULL:
+            raise RuntimeError("the stream already has a writer thread")
+        if self.buf == NULL:
+            raise RuntimeError("the stream is not initialised")
+        if not 0.001 <= interval <= 3600:
+            raise ValueError("interval must be within 0.001..3600 seconds")
+        w = <Writer *>malloc(sizeof(Writer))
+        if w == NULL:
+            raise MemoryError()
+        memset(w, 0, sizeof(Writer))
+        w.spare = <char *>malloc(self.capacity)
+        if w.spare == NULL:
+            free(w)
+            raise MemoryError()
+        pthread_mutex_init(&w.lock, NULL)
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&w.cond, &attr)
+        pthread_condattr_destroy(&attr)
+        w.fd = fd
+        w.new_fd = -1
+        w.owned = owned
+        w.chunked = chunked
+        w.interval_ns = <long long>(interval * 1e9)
+        w.buf = &self.buf
+        w.length = &self.length
+        w.notified = &self.notified
+        w.flush_at = self.flush_at
+        self.w = w
+        if pthread_create(&w.thread, NULL, _writer_main, w) != 0:
+            self.w = NULL
+            pthread_cond_destroy(&w.cond)
+            pthread_mutex_destroy(&w.lock)
+            free(w.spare)
+            free(w)
+            raise OSError("cannot start the log writer thread")
+        self.keepalive = self
+
+    def reopen(self, int fd, bint chunked=False, bint owned=True):
+        """Write later batches to `fd` (after logrotate renamed the file); the writer closes
+        the old descriptor if it owned it. A batch is never split between the two."""
+        if self.w == NULL:
+            raise RuntimeError("the stream has no writer thread")
+        with nogil:
+            pthread_mutex_lock(&self.w.lock)
+            if self.w.new_fd >= 0 and self.w.new_owned:
+                c_close(self.w.new_fd)      # two reopens before the thread saw the first
+            self.w.new_fd = fd
+            self.w.new_owned = owned
+            self.w.new_chunked = chunked
+            pthread_cond_signal(&self.w.cond)
+            pthread_mutex_unlock(&self.w.lock)
+
+    def stop_writer(self, double timeout=5.0):
+        """Write what is pending, end the thread, close an owned fd. True when done within
+        `timeout` seconds; False leaves the thread finishing on its own (a stuck disk)."""
+        cdef timespec deadline
+        cdef int rc
+        if self.w == NULL or self.keepalive is None:
+            return True
+        with nogil:
+            pthread_mutex_lock(&self.w.lock)
+            self.w.stopping = True
+            pthread_cond_signal(&self.w.cond)
+            pthread_mutex_unlock(&self.w.lock)
+            clock_gettime(CLOCK_REALTIME, &deadline)
+            deadline.tv_sec += <time_t>timeout
+            deadline.tv_nsec += <long>((timeout - <time_t>timeout) * 1e9)
+            if deadline.tv_nsec >= 1000000000:
+                deadline.tv_sec += 1
+                deadline.tv_nsec -= 1000000000
+            rc = pthread_timedjoin_np(self.w.thread, NULL, &deadline)
+        if rc != 0:
+            return False
+        self.keepalive = None       # joined: the stream may be freed (it frees the writer)
+        return True
+
+    @property
+    def writer_running(self):
+        return self.w != NULL and self.keepalive is not None
+
+    @property
+    def written_bytes(self):
+        """Bytes the writer thread wrote."""
+        return self.w.written_bytes if self.w != NULL else 0
+
+    @property
+    def error_lines(self):
+        """Lines the writer thread lost to failed writes."""
+        return self.w.error_lines if self.w != NULL else 0
+
+    @property
+    def write_errors(self):
+        """(failed writes, errno of the last one)."""
+        if self.w == NULL:
+            return (0, 0)
+        return (self.w.errors, self.w.last_errno)
+
+    # ---- Python consumers ----------------------------------------------------------------
 
     def take(self):
         """All pending bytes (whole lines), b"" when none; empties the buffer and re-arms
-        on_ready."""
+        on_ready. Not with a writer thread (it takes them itself)."""
         cdef bytes out = b""
+        if self.w != NULL:
+            raise RuntimeError("the stream's writer thread takes its batches")
         if self.length:
             out = PyBytes_FromStringAndSize(self.buf, self.length)
         self.length = 0
@@ -933,7 +1290,7 @@ cdef class LogStream:
 
     @property
     def pending(self):
-        """Bytes waiting for take()."""
+        """Bytes waiting for take() or the writer thread."""
         return self.length
 
     @property
@@ -961,6 +1318,15 @@ cdef inline void _set_text(Text *t, object value, list keep) except *:
         t.n = PyBytes_GET_SIZE(value)
     else:
         raise TypeError(f"text fields are bytes or None, not {type(value).__name__}")
+
+
+cdef inline void _set_safe(Text *t, object value, list keep, str name) except *:
+    """_set_text for the fields the connection guarantees JSON-safe (see _jsafe): the test
+    entry refuses what the connection could never pass."""
+    if value is not None and (not isinstance(value, bytes) or any(
+            c < 0x21 or c > 0x7e or c == 0x22 or c == 0x5c for c in value)):
+        raise ValueError(f"{name}: printable ASCII without quotes or backslashes only")
+    _set_text(t, value, keep)
 
 
 cdef inline void _line(PyObject *stream, int kind, int fmt, const LogFields *f,
@@ -1109,10 +1475,11 @@ cdef class AccessLog:
         rec.deny = fields.pop("deny", DENY_NONE)
         rec.server_row = -1
         f.rec = &rec
-        _set_text(&f.request_id, fields.pop("request_id", None), keep)
-        _set_text(&f.trace_id, fields.pop("trace_id", None), keep)
-        _set_text(&f.span_id, fields.pop("span_id", None), keep)
-        _set_text(&f.parent_span_id, fields.pop("parent_span_id", None), keep)
+        _set_safe(&f.request_id, fields.pop("request_id", None), keep, "request_id")
+        _set_safe(&f.trace_id, fields.pop("trace_id", None), keep, "trace_id")
+        _set_safe(&f.span_id, fields.pop("span_id", None), keep, "span_id")
+        _set_safe(&f.parent_span_id, fields.pop("parent_span_id", None), keep,
+                  "parent_span_id")
         f.trace_sampled = fields.pop("trace_sampled", False)
         _set_text(&f.client_ip, fields.pop("client_ip", None), keep)
         _set_text(&f.id_method, fields.pop("id_method", None), keep)
@@ -1122,7 +1489,7 @@ cdef class AccessLog:
         _set_text(&f.route, fields.pop("route", None), keep)
         _set_text(&f.service, fields.pop("service", None), keep)
         _set_text(&f.server, fields.pop("server", None), keep)
-        _set_text(&f.method, fields.pop("method", None), keep)
+        _set_safe(&f.method, fields.pop("method", None), keep, "method")
         _set_text(&f.target, fields.pop("target", None), keep)
         f.http_minor = fields.pop("http_minor", 1)
         _set_text(&f.user_agent, fields.pop("user_agent", None), keep)
@@ -1130,6 +1497,8 @@ cdef class AccessLog:
         _set_text(&f.tls_version, fields.pop("tls_version", None), keep)
         _set_text(&f.deny_source, fields.pop("deny_source", None), keep)
         _set_text(&f.deny_reason, fields.pop("deny_reason", None), keep)
+        _set_text(&f.names, fields.pop("names", None), keep)
+        f.preescaped = fields.pop("preescaped", 0)
         if fields:
             raise TypeError(f"unknown fields: {', '.join(sorted(fields))}")
         self.write(&f, want)
@@ -1203,6 +1572,8 @@ globals().update(
     WANT_ACCESS=WANT_ACCESS,
     WANT_AUDIT=WANT_AUDIT,
     WANT_SPAN=WANT_SPAN,
+    PRE_SERVICE=PRE_SERVICE,
+    PRE_SERVER=PRE_SERVER,
     SAMPLE_ALL=_SAMPLE_ALL,
     MAX_LINE=MAX_LINE,
     MAX_PATH_LOG=MAX_PATH_LOG,

@@ -81,6 +81,7 @@ cdef class ServerPool:
     cdef readonly str host
     cdef readonly int port
     cdef readonly str url
+    cdef bytes url_json                    # url as a JSON string, for the access log (lazy)
     cdef list idle
     cdef readonly int max_idle
     cdef readonly double idle_timeout
@@ -144,6 +145,9 @@ cdef class Route:
     cdef public unsigned int log_sample    # access log: u32 sample threshold (0 = off,
                                            #   accesslog.SAMPLE_ALL = every request)
     cdef public bint log_errors            # access log: status >= 400 (or none) always logged
+    cdef bytes log_names                   # accesslog.names_fragment for log_names_ep (lazy)
+    cdef object log_names_ep               # the entrypoint name that fragment was made for
+    cdef bytes log_service                 # the service name as a JSON string (lazy)
 
 cdef class UpstreamCore:
     cdef object transport

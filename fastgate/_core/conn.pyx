@@ -70,7 +70,10 @@ from fastgate._core.stats cimport (
     Shard, ExchangeRecord, monotonic_ns, method_class, K_ENTRY, K_SERVER, EW_OPENED, EW_CLOSED,
     SW_OPENED, SW_CLOSED, SW_CONNECT_ERRORS, SW_TLS_ERRORS, RATE_NONE, DENY_NONE,
 )
-from fastgate._core.accesslog cimport AccessLog, LogFields, Text, SAMPLE_ALL
+from fastgate._core.accesslog cimport (
+    AccessLog, LogFields, Text, SAMPLE_ALL, WANT_SPAN, PRE_SERVICE, PRE_SERVER,
+)
+from fastgate._core.accesslog import json_string, names_fragment
 from fastgate._core.writer cimport (
     ForwardInfo, build_request_head, build_response_head, build_error_reply, client_request_id,
     TraceCtx, trace_begin, trace_seed, trace_value, trust_allows, TRACE_NONE, TRACE_CONTINUED,
@@ -1440,17 +1443,28 @@ cdef class ConnCore:
                 f.id_method.p = "unknown"
                 f.id_method.n = 7
         ep_name = self.ep.name
-        set_text(&f.entrypoint, ep_name)
         if route is not None:
-            route_name = route.name
-            set_text(&f.route, route_name)
-            if route.service is not None:
-                service_name = route.service.name
-                set_text(&f.service, service_name)
+            if route.log_names_ep is not ep_name:
+                # Once per route (and entrypoint): the names as the line writes them.
+                route.log_names = names_fragment(ep_name, route.name)
+                route.log_names_ep = ep_name
+                route.log_service = (json_string(route.service.name)
+                                     if route.service is not None else None)
+            set_bytes(&f.names, route.log_names)
+            set_bytes(&f.service, route.log_service)
+            f.preescaped = PRE_SERVICE
+            if route.log_names is None or want & WANT_SPAN:
+                set_text(&f.entrypoint, ep_name)
+                route_name = route.name
+                set_text(&f.route, route_name)
+        else:
+            set_text(&f.entrypoint, ep_name)
         pool = self.log_pool
         if pool is not None:
-            server_url = pool.url
-            set_text(&f.server, server_url)
+            if pool.url_json is None:
+                pool.url_json = json_string(pool.url)
+            set_bytes(&f.server, pool.url_json)
+            f.preescaped |= PRE_SERVER
         f.http_minor = -1
         if h is not None:
             set_bytes(&f.method, h.method)

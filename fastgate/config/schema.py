@@ -470,8 +470,8 @@ QueryKey = Annotated[str, AfterValidator(_check_query_key)]
 
 
 class _LogBuffers(_Model):
-    """How one stream's lines travel: a per-worker batch buffer filled in C, handed to a
-    writer thread. A line that does not fit is dropped and counted, never waited for."""
+    """How one stream's lines travel: a per-worker batch buffer filled in C, taken by the
+    stream's writer. A line that does not fit is dropped and counted, never waited for."""
 
     buffer_bytes: int = Field(
         1048576,
@@ -480,13 +480,7 @@ class _LogBuffers(_Model):
         description="per-worker batch buffer; a line that does not fit is dropped (counted)",
     )
     flush_interval: Seconds = Field(
-        0.2, le=60.0, description="seconds between hand-overs (also as soon as 64 KiB wait)"
-    )
-    max_pending_bytes: int = Field(
-        8388608,
-        ge=65536,
-        le=1 << 32,
-        description="bytes queued to the writer thread before batches are dropped (counted)",
+        0.2, le=60.0, description="seconds between writes (also as soon as 256 KiB wait)"
     )
 
 
@@ -526,6 +520,12 @@ _OTLP_OWN_HEADERS = frozenset(
 class OtlpExport(_LogBuffers):
     """Spans sent to an OpenTelemetry collector (OTLP/HTTP JSON), one per sampled exchange."""
 
+    max_pending_bytes: int = Field(
+        8388608,
+        ge=65536,
+        le=1 << 32,
+        description="bytes of spans waiting behind a slow collector before they are dropped",
+    )
     endpoint: str = Field(
         "http://127.0.0.1:4318/v1/traces", description="the collector's OTLP/HTTP traces URL"
     )

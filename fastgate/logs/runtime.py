@@ -1,25 +1,24 @@
-"""LogRuntime: one worker's log streams, their writers, flushing, counting, reload and drain.
+"""LogRuntime: one worker's log streams, their writers, counting, reload and drain.
 
 Rules this file obeys:
-- Nothing here runs per request. The C side formats each line into a stream's batch buffer
-  (fastgate/_core/accesslog.pyx); this file moves whole buffers to the BatchWriter threads:
-  when a stream's `on_ready` fires (64 KiB waiting: one `loop.call_soon`, re-armed by the
-  take) and on a timer every `flush_interval`. The loop never writes to a file itself.
+- Nothing here runs per request, and nothing here writes: the C side formats each line into
+  a stream's batch buffer (fastgate/_core/accesslog.pyx) and the stream's own writer thread
+  (C, no GIL; fastgate/logs/writer.py) swaps and writes the buffers. The loop never touches
+  a batch.
 - Off costs nothing: with access, audit and span export all off, `engine.alog` is None and
   the connection formats nothing; a stream that is off does not exist.
 - Nothing is lost on purpose and every loss is counted: lines refused by a full buffer
-  (`LogStream.dropped`), batches refused by a writer that is behind (over
-  max_pending_bytes), lines a write error lost, Python audit events over their rate limit;
-  once a second the growth of `lines` and of all those drops is added to the metric slot's
-  K_LOG rows (stream "access", "audit", "spans"), which /metrics reports as
-  fastgate_access_log_dropped_total.
+  (`LogStream.dropped`), lines a write error lost (`error_lines`), spans the exporter could
+  not send, Python audit events over their rate limit; once a second the growth of `lines`
+  and of all those drops is added to the metric slot's K_LOG rows (stream "access",
+  "audit", "spans"), which /metrics reports as fastgate_access_log_dropped_total.
 - Reload: a config whose log sections (and credential query parameters) are unchanged keeps
   the running streams and writers; otherwise new ones are built first (a file that cannot be
-  opened refuses the reload, naming the key), installed in the engine, and then the old ones
-  are emptied and closed: no line is lost. Route rules (sample, errors) come with the
-  compiled routes and need no rebuild.
-- Drain: `close()` after the last exchange ended takes every buffer and waits (bounded, in
-  an executor thread) for the writers to finish.
+  opened refuses the reload, naming the key), installed in the engine, and then the old
+  writers write what they hold and stop: no line is lost. Route rules (sample, errors) come
+  with the compiled routes and need no rebuild.
+- Drain: `close()` after the last exchange ended waits (bounded, in an executor thread) for
+  the writer threads to write everything and stop.
 - The query keys whose values are redacted are the configured ones plus every query
   parameter an auth middleware of the config reads a credential from (jwt_auth
   `token_from: query:NAME`, api_key `query: NAME`), so a credential in a URL is never logged.
@@ -39,7 +38,7 @@ from fastgate._core.stats import OFFSETS
 from fastgate.config.schema import Config
 from fastgate.errors import ConfigError
 from fastgate.logs import events
-from fastgate.logs.writer import BatchWriter
+from fastgate.logs.writer import LogWriter
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -56,7 +55,7 @@ log = logging.getLogger("fastgate.logs")
 K_LOG = 5  # stats.pxd: the (stream,) table
 COUNT_INTERVAL = 1.0  # seconds between copies into the metric slot
 CLOSE_TIMEOUT = 5.0  # seconds a drain or reload waits for the writers
-FLUSH_AT = 64 << 10  # a batch is handed over as soon as this much waits
+FLUSH_AT = 256 << 10  # the writer thread is woken as soon as this much waits
 
 
 def credential_query_keys(config: Config) -> tuple[str, ...]:
@@ -86,35 +85,21 @@ def redact_keys(config: Config) -> tuple[str, ...]:
 
 
 class Sink:
-    """One stream of one worker: its LogStream and where its batches go (a BatchWriter, or
+    """One stream of one worker: its LogStream and who empties it (its LogWriter thread, or
     the span exporter which takes from the stream itself), with the counts already copied
     to the metric slot."""
 
-    def __init__(
-        self, name: str, stream: Any, writer: BatchWriter | None, interval: float = 1.0
-    ) -> None:
+    def __init__(self, name: str, stream: Any, writer: LogWriter | None) -> None:
         self.name = name
         self.stream = stream
         self.writer = writer
-        self.interval = interval  # seconds between timed hand-overs
         self.exporter: Any = None
-        self.refused_lines = 0  # in batches the writer refused (behind: max_pending)
         self.extra_dropped = 0  # Python audit events dropped before reaching the stream
         self.copied = (0, 0)  # (lines, dropped) already added to the slot
-        self.scheduled = False
-
-    def take(self) -> None:
-        """Hand what the stream holds to the writer (on the loop; never blocks)."""
-        self.scheduled = False
-        if self.writer is None:
-            return
-        batch = self.stream.take()
-        if batch and not self.writer.submit(batch):
-            self.refused_lines += batch.count(b"\n")
 
     def counts(self) -> tuple[int, int]:
         """(lines accepted, lines dropped anywhere) so far."""
-        dropped = self.stream.dropped + self.refused_lines + self.extra_dropped
+        dropped = self.stream.dropped + self.extra_dropped
         if self.writer is not None:
             dropped += self.writer.error_lines
         if self.exporter is not None:
@@ -173,12 +158,13 @@ class LogRuntime:
                 continue
             stream = _stream(cfg.buffer_bytes)
             try:
-                writer = BatchWriter(cfg.path, cfg.max_pending_bytes, name, stdout_fd)
+                writer = LogWriter(cfg.path, name, stdout_fd)
             except OSError as exc:
                 raise ConfigError(
                     f"{key}.path", f"cannot open {cfg.path}: {exc.strerror or exc}"
                 ) from None
-            self.sinks[name] = Sink(name, stream, writer, cfg.flush_interval)
+            self.sinks[name] = Sink(name, stream, writer)
+            writer.attach(stream, cfg.flush_interval)
         otlp_cfg = config.tracing.otlp
         if otlp_cfg is not None:
             try:
@@ -198,31 +184,9 @@ class LogRuntime:
         events.install(audit.stream if audit is not None else None)
 
     def start(self) -> None:
-        """Arm the flush triggers and timers, and the once-a-second count."""
-        for name, sink in self.sinks.items():
-            if sink.writer is None:
-                continue  # the exporter takes from its stream itself
-            sink.stream.on_ready = self._on_ready_for(sink)
-            self._timers[name] = self.loop.call_later(sink.interval, self._tick, sink)
+        """Arm the once-a-second count (the writer threads run from the build)."""
         if self.shard is not None:
             self._timers[""] = self.loop.call_later(COUNT_INTERVAL, self._count_tick)
-
-    def _on_ready_for(self, sink: Sink) -> Any:
-        loop = self.loop
-
-        def on_ready() -> None:
-            # Called from C in the middle of an exchange end: only schedule the take.
-            if not sink.scheduled and not self.closed:
-                sink.scheduled = True
-                loop.call_soon(sink.take)
-
-        return on_ready
-
-    def _tick(self, sink: Sink) -> None:
-        if self.closed:
-            return
-        sink.take()
-        self._timers[sink.name] = self.loop.call_later(sink.interval, self._tick, sink)
 
     def _count_tick(self) -> None:
         if self.closed:
@@ -233,7 +197,11 @@ class LogRuntime:
     # ---- counting ----------------------------------------------------------------------------
 
     def count(self) -> None:
-        """Add each stream's growth of lines and drops to the slot's K_LOG rows."""
+        """Add each stream's growth of lines and drops to the slot's K_LOG rows; log new
+        write errors."""
+        for sink in self.sinks.values():
+            if sink.writer is not None:
+                sink.writer.check_errors()
         if self.shard is None:
             return
         audit = self.sinks.get("audit")
@@ -259,24 +227,17 @@ class LogRuntime:
             if sink.writer is not None:
                 sink.writer.reopen()
 
-    def flush(self) -> None:
-        """Hand every buffer to its writer now."""
-        for sink in self.sinks.values():
-            sink.take()
-
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> bool:
-        """Take everything, stop the exporter, wait (bounded, off the loop) for the writers
-        to write it, count one last time; True when all finished in time."""
+        """Stop the exporter, wait (bounded, off the loop) for the writers to write what
+        they hold and stop, count one last time; True when all finished in time."""
         if self.closed:
             return True
-        self.flush()
         self.closed = True
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
         done = True
         for sink in self.sinks.values():
-            sink.stream.on_ready = None
             if sink.exporter is not None:
                 done = await _close_exporter(sink.exporter, timeout) and done
         writers = [s.writer for s in self.sinks.values() if s.writer is not None]
@@ -297,11 +258,9 @@ def _stream(capacity: int) -> Any:
     return accesslog.LogStream(capacity, min(FLUSH_AT, capacity // 2))
 
 
-def _close_all(writers: Iterable[BatchWriter], timeout: float) -> bool:
+def _close_all(writers: Iterable[LogWriter], timeout: float) -> bool:
     """Close the writers (in parallel: each has its own thread) within `timeout` overall."""
     writers = list(writers)
-    for w in writers:
-        w.close(0)  # ask them all first
     deadline = time.monotonic() + timeout
     ok = True
     for w in writers:

@@ -41,6 +41,10 @@ TEXT_FIELDS = [
     "id_subject", "id_consumer", "entrypoint", "route", "service", "server", "method", "target",
     "user_agent", "referer", "tls_version", "deny_source", "deny_reason",
 ]  # fmt: skip
+# Fields the connection passes JSON-safe (checked ids, hex trace ids, the method token): the
+# formatter copies them without escaping, and its test entry refuses anything else.
+SAFE_FIELDS = {"request_id", "trace_id", "span_id", "parent_span_id", "method"}
+SAFE_BYTES = bytes(c for c in range(0x21, 0x7F) if c not in (0x22, 0x5C))
 
 FULL = {
     "status": 200,
@@ -250,7 +254,8 @@ def test_truncation(field: str, value: bytes, expect: str) -> None:
 @pytest.mark.parametrize("fmt", ["json", "common", "combined"])
 @pytest.mark.parametrize("stuffing", [b"\x01", b"\xff", b"\xe2\x82\xac", b"a"])
 def test_every_line_is_bounded_whatever_the_input(fmt: str, stuffing: bytes) -> None:
-    huge = {name: stuffing * 20000 for name in TEXT_FIELDS}
+    huge = {name: stuffing * 20000 for name in TEXT_FIELDS if name not in SAFE_FIELDS}
+    huge["request_id"] = huge["method"] = huge["parent_span_id"] = b"A" * 20000
     huge["target"] = b"/" + stuffing * 20000
     huge["trace_id"], huge["span_id"] = TRACE, SPAN_ID
     lines = write(ACCESS | AUDIT | SPAN, fmt, deny=al.DENY_FORBIDDEN, trace_sampled=True, **huge)
@@ -708,10 +713,17 @@ def test_bench_write_reports_a_cost() -> None:
 # ---- property: arbitrary bytes ------------------------------------------------------------
 
 text = st.one_of(st.none(), st.binary(max_size=48))
+safe_text = st.one_of(st.none(), st.binary(max_size=48).map(
+    lambda b: bytes(SAFE_BYTES[c % len(SAFE_BYTES)] for c in b) or None))  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.fixed_dictionaries({name: text for name in TEXT_FIELDS}), st.sampled_from([-1, 0, 1]))
+@given(
+    st.fixed_dictionaries(
+        {name: safe_text if name in SAFE_FIELDS else text for name in TEXT_FIELDS}
+    ),
+    st.sampled_from([-1, 0, 1]),
+)
 def test_arbitrary_bytes_make_valid_json_lines(fields: dict, http_minor: int) -> None:
     fields = {
         **fields,
@@ -768,3 +780,57 @@ def test_combined_referer_hides_secrets(options: dict, expected: str) -> None:
     )  # fmt: skip
     line = stream.take().decode()
     assert "SEKRET" not in line and f" {expected} " in line
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "route"),
+    [
+        pytest.param("web", "api", id="plain names"),
+        pytest.param("web", None, id="no route"),
+        pytest.param('we"b\\', "r\u00e9\x01", id="escaped like any field"),
+    ],
+)
+def test_names_fragment_is_what_the_line_would_hold(entrypoint: str, route: str | None) -> None:
+    fragment = al.names_fragment(entrypoint, route)
+    assert json.loads("{" + fragment.decode() + "}") == {"entrypoint": entrypoint, "route": route}
+    with_fragment, without = al.LogStream(), al.LogStream()
+    common = dict(status=200, client_ip=b"192.0.2.1", method=b"GET", target=b"/", http_minor=1)
+    al.AccessLog(access=without).write_fields(
+        al.WANT_ACCESS, entrypoint=entrypoint.encode(), route=route and route.encode(), **common
+    )
+    al.AccessLog(access=with_fragment).write_fields(al.WANT_ACCESS, names=fragment, **common)
+    strip = re.compile(rb'"time":"[^"]*"')
+    assert strip.sub(b"", with_fragment.take()) == strip.sub(b"", without.take())
+
+
+def test_a_long_names_fragment_is_not_kept() -> None:
+    assert al.names_fragment("e" * 600, "r") is None
+
+
+@pytest.mark.parametrize("field", sorted(SAFE_FIELDS))
+@pytest.mark.parametrize("value", [b'a"b', b"a\\b", b"a b", b"\xff", b"\x01"])
+def test_fields_copied_without_escaping_must_be_safe(field: str, value: bytes) -> None:
+    with pytest.raises(ValueError, match=field):
+        al.AccessLog(access=al.LogStream()).write_fields(al.WANT_ACCESS, **{field: value})
+
+
+def test_a_long_safe_field_is_cut_like_any_other() -> None:
+    line = access(request_id=b"r" * 1000)
+    assert line["request_id"] == "r" * MAX_VALUE_LOG + "..."
+
+
+@pytest.mark.parametrize("value", ["backend", 'sv"c\\', "http://10.0.0.5:9000", "x" * 2000])
+def test_preescaped_service_and_server_read_as_the_plain_fields(value: str) -> None:
+    encoded = value.encode()
+    pre = dict(service=al.json_string(value), server=al.json_string(value),
+               preescaped=al.PRE_SERVICE | al.PRE_SERVER)  # fmt: skip
+    for want in (al.WANT_ACCESS, al.WANT_SPAN):
+        plain, escaped = al.LogStream(), al.LogStream()
+        common = dict(status=200, method=b"GET", target=b"/", http_minor=1, trace_id=TRACE,
+                      span_id=SPAN_ID, trace_sampled=True)  # fmt: skip
+        al.AccessLog(access=plain, spans=plain).write_fields(
+            want, service=encoded, server=encoded, **common
+        )
+        al.AccessLog(access=escaped, spans=escaped).write_fields(want, **pre, **common)
+        strip = re.compile(rb'"time":"[^"]*"|"(start|end)TimeUnixNano":"\d+"')
+        assert strip.sub(b"", escaped.take()) == strip.sub(b"", plain.take())

@@ -36,11 +36,7 @@ def test_schema_defaults() -> None:
     assert (access.sample, access.always_log_errors, access.drop_query) == (1.0, True, False)
     assert access.redact_query_keys == DEFAULT_REDACT_KEYS
     assert {"token", "password", "api_key", "client_secret", "sig"} <= set(DEFAULT_REDACT_KEYS)
-    assert (access.buffer_bytes, access.flush_interval, access.max_pending_bytes) == (
-        1048576,
-        0.2,
-        8388608,
-    )
+    assert (access.buffer_bytes, access.flush_interval) == (1048576, 0.2)
     assert (audit.enabled, audit.path, audit.buffer_bytes) == (True, "stderr", 1048576)
     assert config.tracing.otlp is None
     assert config.routes[0].access_log is None

@@ -26,6 +26,7 @@ from fastgate.errors import ConfigError
 from fastgate.logs import events
 from fastgate.logs.events import AUDIT_KEYS, format_event
 from fastgate.logs.runtime import (
+    FLUSH_AT,
     K_LOG,
     LogRuntime,
     credential_query_keys,
@@ -168,7 +169,7 @@ def test_credential_query_parameters_are_redacted_too() -> None:
 # ---- hand-over -------------------------------------------------------------------------------
 
 
-def test_on_ready_hands_a_full_batch_over_before_the_timer(tmp_path: Path) -> None:
+def test_the_writer_is_woken_at_flush_at_before_the_interval(tmp_path: Path) -> None:
     cfg = files(tmp_path, flush_interval=60)
     path = tmp_path / "access.log"
 
@@ -177,10 +178,9 @@ def test_on_ready_hands_a_full_batch_over_before_the_timer(tmp_path: Path) -> No
         runtime.start()
         stream = runtime.sinks["access"].stream
         n = 0
-        while stream.pending < 64 << 10:  # the flush threshold of a 1 MiB buffer
+        while stream.pending < FLUSH_AT:  # the flush threshold of a 1 MiB buffer
             assert stream.write_line(access_line(n, pad=200))
             n += 1
-        assert runtime.sinks["access"].scheduled  # on_ready fired once, a take is scheduled
         assert await eventually(lambda: path.exists() and path.read_bytes().count(b"\n") == n)
         assert stream.pending == 0
         assert await runtime.close(5)
@@ -190,7 +190,7 @@ def test_on_ready_hands_a_full_batch_over_before_the_timer(tmp_path: Path) -> No
     run(main())
 
 
-def test_the_timer_hands_over_what_is_pending(tmp_path: Path) -> None:
+def test_the_interval_writes_what_is_pending(tmp_path: Path) -> None:
     cfg = files(tmp_path, flush_interval=0.05)
     path = tmp_path / "access.log"
 
@@ -225,56 +225,35 @@ def test_close_writes_everything_and_counts(tmp_path: Path) -> None:
 # ---- counting --------------------------------------------------------------------------------
 
 
-def test_lines_and_buffer_drops_counted_into_k_log_once(tmp_path: Path) -> None:
-    shard = Shard()
-    cfg = files(tmp_path, buffer_bytes=65536, flush_interval=60)
-
-    async def main() -> None:
-        runtime = LogRuntime(cfg, asyncio.get_running_loop(), shard)
-        stream = runtime.sinks["access"].stream  # not started: nothing takes from it
-        accepted = sum(bool(stream.write_line(access_line(n, pad=1000))) for n in range(100))
-        assert 0 < accepted < 100
-        runtime.count()
-        assert log_rows(shard)["access"] == (accepted, 100 - accepted)
-        runtime.count()  # the growth only: nothing new
-        assert log_rows(shard)["access"] == (accepted, 100 - accepted)
-        assert log_rows(shard)["audit"] == (0, 0)
-        assert await runtime.close(5)
-        assert log_rows(shard)["access"] == (accepted, 100 - accepted)
-
-    run(main())
-
-
-def test_batches_the_writer_refuses_are_counted_as_dropped() -> None:
-    """Access log to a pipe nobody reads: once the pipe and max_pending are full, whole
-    batches are refused and their lines counted as dropped; the loop never blocks."""
+def test_drops_and_lost_lines_counted_into_k_log_and_the_loop_never_blocks() -> None:
+    """Access log to a pipe nobody reads: the writer thread blocks on the full pipe, the
+    stream's buffers fill and later lines are dropped at once; when the pipe breaks, the lines
+    of the blocked write are lost and counted too. K_LOG gets each growth once."""
     shard = Shard()
     r, w = os.pipe()
     cfg = config(
-        access_log={"enabled": True, "path": "-", "max_pending_bytes": 65536, "flush_interval": 60},
+        access_log={"enabled": True, "path": "-", "buffer_bytes": 65536, "flush_interval": 60},
         audit_log={"enabled": False},
     )
 
     async def main() -> None:
         runtime = LogRuntime(cfg, asyncio.get_running_loop(), shard, stdout_fd=w)
         sink = runtime.sinks["access"]
-        written = 0
         started = time.monotonic()
-        for _ in range(40):  # 40 batches of ~30 KiB: far over 64 KiB pipe + 64 KiB queue
-            for _ in range(30):
-                assert sink.stream.write_line(access_line(written, pad=1000))
-                written += 1
-            sink.take()
+        accepted = sum(bool(sink.stream.write_line(access_line(n, pad=1000))) for n in range(1000))
         assert time.monotonic() - started < 5
-        assert sink.refused_lines > 0
+        assert 0 < accepted < 1000 and sink.stream.dropped == 1000 - accepted
         runtime.count()
-        lines, dropped = log_rows(shard)["access"]
-        assert (lines, dropped) == (written, sink.refused_lines)
+        assert log_rows(shard)["access"] == (accepted, 1000 - accepted)
+        runtime.count()  # the growth only: nothing new
+        assert log_rows(shard)["access"] == (accepted, 1000 - accepted)
         os.close(r)  # the writer's blocked write fails: its lines count as dropped too
+        assert await eventually(lambda: sink.writer.error_lines > 0)
         assert await runtime.close(5)
         lines, dropped = log_rows(shard)["access"]
-        assert dropped >= sink.refused_lines
-        assert dropped == sink.refused_lines + sink.writer.error_lines
+        assert lines == accepted
+        assert dropped == sink.stream.dropped + sink.writer.error_lines
+        assert "audit" not in log_rows(shard)  # audit_log off: no stream, no row
 
     run(main())
     os.close(w)
