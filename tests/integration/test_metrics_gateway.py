@@ -11,6 +11,7 @@ import http.client
 import os
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -240,3 +241,40 @@ def test_a_restarted_worker_continues_its_counters(
     data = samples(gw)
     assert value(data, "fastgate_requests_total", **labels) == 6
     assert value(data, "fastgate_client_connections", entrypoint="web") == 0
+
+
+def test_a_shared_rate_limit_is_counted_per_route(origin: Origin, tmp_path: Path) -> None:
+    """One rate_limit middleware on two routes (its default scope: a bucket per route and
+    client): each route's decisions are its own rows, none in "_other"."""
+    config = base_config(
+        origin.port,
+        workers=1,
+        middlewares={"once": {"type": "rate_limit", "rate": "1/hour"}},
+        routes=[
+            {"name": "first", "match": {"hosts": ["a.test"]}, "service": "origin",
+             "middlewares": ["once"]},
+            {"name": "second", "match": {"hosts": ["b.test"]}, "service": "origin",
+             "middlewares": ["once"]},
+        ],
+    )  # fmt: skip
+    config["entrypoints"] = {"web": {"address": f"127.0.0.1:{free_port()}"}}
+    g = Gateway(config, tmp_path)
+    g.start()
+    try:
+        with Client(g.addr) as c:
+            assert c.request("GET", "/status/200", host="a.test").status == 200
+            statuses = [c.request("GET", "/status/200", host="b.test").status for _ in range(2)]
+            assert statuses == [200, 429]
+        decisions = "fastgate_rate_limit_decisions_total"
+        assert wait_for(
+            lambda: value(samples(g), decisions, route="second", decision="limited") == 1,
+            timeout=10,
+            interval=0.2,
+        )
+        data = samples(g)
+        assert value(data, decisions, route="first", decision="allowed") == 1
+        assert total(data, decisions, route="first") == 1
+        assert value(data, decisions, route="second", decision="allowed") == 1
+        assert total(data, decisions, route="_other") == 0
+    finally:
+        g.stop()
