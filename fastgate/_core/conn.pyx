@@ -71,7 +71,7 @@ from fastgate._core.stats cimport (
     SW_OPENED, SW_CLOSED, SW_CONNECT_ERRORS, SW_TLS_ERRORS, RATE_NONE, DENY_NONE,
 )
 from fastgate._core.accesslog cimport (
-    AccessLog, LogFields, Text, SAMPLE_ALL, WANT_SPAN, PRE_SERVICE, PRE_SERVER,
+    AccessLog, LogFields, Text, SAMPLE_ALL, WANT_SPAN, PRE_SERVICE, PRE_SERVER, FMT_COMBINED,
 )
 from fastgate._core.accesslog import json_string, names_fragment
 from fastgate._core.writer cimport (
@@ -1471,7 +1471,8 @@ cdef class ConnCore:
             set_bytes(&f.target, h.target)
             f.http_minor = 1 if h.version == 11 else 0
             header_text(&f.user_agent, h, b"user-agent", 10)
-            header_text(&f.referer, h, b"referer", 7)
+            if alog.format == FMT_COMBINED:
+                header_text(&f.referer, h, b"referer", 7)      # only that format shows it
         if PyBytes_GET_SIZE(self.cfg.proto) == 5:      # b"https": a TLS entrypoint
             if self.tls_name is None:
                 version = self.tls_version
