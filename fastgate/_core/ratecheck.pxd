@@ -37,6 +37,12 @@ cdef class NetSet:
     cdef Py_ssize_t n
     cdef bint contains(self, const uint8_t *addr16, int family) noexcept nogil
 
+# The client address of a request (see ratecheck.pyx): the peer, or the X-Forwarded-For walk
+# when the peer is a trusted proxy of `nets`. 4 or 6 with the address in `a` (16 bytes, IPv4
+# v4-mapped), or 0 with the address's text in text/tlen. Declared for fastgate._core.ipfilter.
+cdef int walk_client(bytes peer, bint trusted, NetSet nets, RequestHead head, uint8_t *a,
+                     const char **text, Py_ssize_t *tlen) noexcept
+
 cdef class KeyBuilder:
     cdef readonly tuple spec            # the parts as given: (kind, argument) pairs
     cdef readonly int ipv6_prefix       # bits of an IPv6 client address kept (1..128)

@@ -43,6 +43,7 @@ __all__ = [
     "check_runtime",
     "compile_runtime",
     "owned_headers",
+    "request_headers",
     "response_headers",
     "route_log_rule",
     "split_chain",
@@ -112,6 +113,15 @@ def owned_headers(chain: tuple[Any, ...]) -> tuple[bytes, ...]:
         for name in getattr(mw, "strip_request_headers", ()):
             names[name.lower()] = None
     return tuple(names)
+
+
+def request_headers(chain: tuple[Any, ...]) -> bytes | None:
+    """Header lines added to every request the route sends upstream: each middleware's
+    `request_header_lines` (validated `Name: value\r\n` lines, e.g. the `headers` type's
+    set / add), in chain order. The client's copies of `set` names are dropped through
+    `strip_request_headers` (owned_headers). None when there are none."""
+    lines = b"".join(getattr(mw, "request_header_lines", b"") for mw in chain)
+    return lines or None
 
 
 def response_headers(chain: tuple[Any, ...]) -> tuple[bytes | None, tuple[bytes, ...]]:
@@ -251,7 +261,8 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             strip = owned_headers(chain)
             buffer_body = max((getattr(mw, "request_body_limit", 0) for mw in chain), default=0)
             response_lines, response_strip = response_headers(chain)
-            # A middleware without on_request (security_headers) works through the route's
+            request_lines = request_headers(chain)  # the only source of extra_headers today
+            # A middleware without on_request (security_headers, headers) works through the route's
             # static response headers alone: it costs nothing per request.
             chain = tuple(mw for mw in chain if getattr(mw, "on_request", None) is not None)
             checks, chain = split_chain(route.name, chain)
@@ -262,6 +273,7 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
                     route.name,
                     service,
                     chain,
+                    extra_headers=request_lines,
                     checks=checks,
                     strip_headers=strip,
                     buffer_body=buffer_body,

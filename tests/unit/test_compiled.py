@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "httphead", "body", "router", "writer", "conn", "ratelimit", "ratecheck", "stats", "accesslog",
+    "ipfilter",
 ]  # fmt: skip
 
 
