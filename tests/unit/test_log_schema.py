@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -398,14 +397,9 @@ def _context_paths(error: Any) -> list[Any]:
 
 
 def _accesslog() -> Any:
-    """fastgate._core.accesslog, or skip (fail under CI=true) while it is not built."""
-    try:
-        from fastgate._core import accesslog
-    except ImportError as exc:
-        message = f"fastgate._core.accesslog is not built: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    """fastgate._core.accesslog (compiled: part of the build, never skipped)."""
+    from fastgate._core import accesslog
+
     return accesslog
 
 
