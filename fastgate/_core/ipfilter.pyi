@@ -23,3 +23,6 @@ class IpCheck(CoreCheck):
     denied: int
     not_allowed: int
     def __init__(self, allow: NetSet, deny: NetSet, reply: Any, name: str = "") -> None: ...
+    def decide(self, conn: Any) -> Any:
+        """The check for the Python path (ip_filter later in a chain): the same decision,
+        counts and deny note; the reply, or None when the request passes."""

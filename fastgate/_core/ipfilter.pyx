@@ -74,6 +74,11 @@ cdef class IpCheck(CoreCheck):
             return IP_NOT_ALLOWED
         return IP_PASS
 
+    def decide(self, ConnCore conn not None):
+        """check() for the Python path (ip_filter later in a route's chain): the same
+        decision, counts and deny note; the reply or None."""
+        return self.check(conn, conn.head)
+
     cdef NetSet nets_for(self, object cfg):
         nets = self.netsets.get(cfg)
         if nets is None:

@@ -12,10 +12,10 @@ Every option and example is in docs/ip-filter.md.
 Rules this file obeys:
 - The client address is the one the access log writes: the peer, or, when the peer is a
   trusted proxy of the entrypoint (forwarded.trusted_ips), the X-Forwarded-For walk of
-  fastgate/_core/ratecheck.pyx. There is one walk: the C check calls ratecheck.walk_client,
-  the Python path ratecheck.resolved_client_ip. Networks are ratecheck.NetSets, so an
-  address matches only networks of its own family and a v4-mapped IPv6 address is IPv4; a
-  v4-mapped network in the config (::ffff:a.b.c.d/n, n >= 96) is stored as the IPv4 network.
+  fastgate/_core/ratecheck.pyx (one walk: the check calls ratecheck.walk_client). Networks
+  are ratecheck.NetSets, so an address matches only networks of its own family and a
+  v4-mapped IPv6 address is IPv4; a v4-mapped network in the config (::ffff:a.b.c.d/n,
+  n >= 96) is stored as the IPv4 network.
 - Deny wins: an address in a deny network is refused even if an allow network holds it. With
   an allow list, an address in none of its networks (or no address at all: a Unix socket
   peer, an X-Forwarded-For element that does not parse) is refused.
@@ -24,8 +24,8 @@ Rules this file obeys:
   name and a fixed reason ("client address denied" / "client address not allowed"): the
   `ip_denied` audit line. The reply never says which list refused, nor echoes the address.
 - Leading a route's chain, the check runs in C (`core_check`, fastgate._core.ipfilter.IpCheck):
-  an admitted request costs no Python call. Elsewhere in the chain `on_request` makes the same
-  decision in Python.
+  an admitted request costs no Python call. Elsewhere in the chain `on_request` calls the same
+  check (`IpCheck.decide`): one decision, one set of reasons, one count.
 """
 
 from __future__ import annotations
@@ -35,16 +35,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
-from fastgate._core.accesslog import DENY_IP
 from fastgate._core.ipfilter import IpCheck
-from fastgate._core.ratecheck import NetSet, resolved_client_ip
+from fastgate._core.ratecheck import NetSet
 from fastgate.errors import ConfigError
 from fastgate.middleware.base import LocalReply, RequestContext
 from fastgate.middleware.registry import register
-
-DENIED_REASON = "client address denied"
-NOT_ALLOWED_REASON = "client address not allowed"
-_ANY = NetSet(("0.0.0.0/0", "::/0"))  # tells an address from text that is none
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -124,44 +119,20 @@ class IpFilter:
         self.deny = NetSet([str(parse_network(t)) for t in opts.deny])
         message = "forbidden" if opts.status == 403 else "no route"
         self.reply = LocalReply.error(opts.status, message)
-        self.denied = 0
-        self.not_allowed = 0
-        self._checks: list[Any] = []
+        # One check for every route and for the Python path: one decision, one count.
+        self.check = IpCheck(self.allow, self.deny, self.reply, name)
 
     def core_check(self, route: str) -> Any:
-        """The C check (one per route; they share the lists)."""
-        check = IpCheck(self.allow, self.deny, self.reply, self.name)
-        self._checks.append(check)
-        return check
-
-    def verdict(self, address: str) -> str | None:
-        """The refusal reason for a client at `address` (text), or None when it passes."""
-        if not _ANY.contains_text(address):
-            return NOT_ALLOWED_REASON if len(self.allow) else None
-        if self.deny.contains_text(address):
-            return DENIED_REASON
-        if len(self.allow) and not self.allow.contains_text(address):
-            return NOT_ALLOWED_REASON
-        return None
+        """The C check, run before the route's Python chain when ip_filter leads it."""
+        return self.check
 
     def on_request(self, ctx: RequestContext) -> LocalReply | None:
-        conn = ctx.conn
-        reason = self.verdict(resolved_client_ip(conn).decode("latin-1"))
-        if reason is None:
-            return None
-        if reason == DENIED_REASON:
-            self.denied += 1
-        else:
-            self.not_allowed += 1
-        conn.note_deny(DENY_IP, self.name, reason)
-        return self.reply
+        """Later in a chain: the same C decision, called from Python."""
+        return self.check.decide(ctx.conn)
 
     def stats(self) -> dict[str, Any]:
         """Refusals by the deny list and by the allow list (C and Python paths)."""
-        return {
-            "denied": self.denied + sum(c.denied for c in self._checks),
-            "not_allowed": self.not_allowed + sum(c.not_allowed for c in self._checks),
-        }
+        return {"denied": self.check.denied, "not_allowed": self.check.not_allowed}
 
 
 __all__ = ["IpFilter", "IpFilterOptions", "parse_network"]
