@@ -32,6 +32,11 @@ Method (benchmarks/README.md has the details):
   is logged, and around every run the lines written are compared with the requests wrk
   counted (drops from /metrics). Reported besides: the req/s and CPU ratios to plain
   `fastgate` in the same round, and lines / requests / drops.
+- Route targets (`fastgate-routes10`, `-routes1000`, `fastgate-rr1`, `-rr4`;
+  benchmarks/route_targets.py): plain `fastgate` with a 10 / 1,000-route table (wrk asks for
+  the middle route), or one service round robin over 1 / 4 origin nginx processes; a probe
+  first shows, from /metrics, the intended route matched or the servers shared the requests.
+  Reported besides: req/s and CPU ratios to the smaller setup in the same round.
 - Scenarios are `keep-alive` (wrk's connections stay open) or, with `--handshake close`,
   `close`: wrk sends `Connection: close`, so every request pays a new TCP connection (and a
   TLS handshake, resumed from wrk's previous session) on the target. A check first shows
@@ -79,6 +84,19 @@ from log_targets import (
     log_summary,
     probe_line,
 )
+from route_targets import (
+    PAIRS,
+    ROUTE_TARGETS,
+    RR_TARGETS,
+    TABLE_TARGETS,
+    RouteCheckError,
+    bench_prefix,
+    populate_www,
+    probe_route_target,
+    route_table_md,
+    rr_config,
+    table_config,
+)
 from tls_targets import (
     FASTGATE_TLS,
     KEY_TYPE,
@@ -107,7 +125,7 @@ RL_TARGETS = {
 }
 ALL_TARGETS = (
     "origin", "nginx", "haproxy", "fastgate", *RL_TARGETS, *AUTH_TARGETS, *TLS_TARGETS,
-    *LOG_TARGETS,
+    *LOG_TARGETS, *ROUTE_TARGETS,
 )  # fmt: skip
 # How wrk's connections live: `keep-alive`, or `close` (a new connection per request).
 HANDSHAKES = ("keep-alive", "close")
@@ -201,10 +219,12 @@ class Target:
     scheme: str = "http"  # "https": a TLS target
     ca_file: Path | None = None  # the CA that signed an https target's certificate
     access_log: AccessLogFile | None = None  # a log target's access log, counted per run
+    path_prefix: str = ""  # before every path asked (a route table target's middle route)
+    origins: tuple[subprocess.Popen[bytes], ...] = ()  # more origin servers (fastgate-rr4)
 
     def url(self, path: str) -> str:
         """The URL of `path` on this target, as wrk is given it."""
-        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{self.path_prefix}{path}"
 
     def connection(self, timeout: float = 10) -> http.client.HTTPConnection:
         """A (not yet connected) client connection to this target; over TLS, verifying the
@@ -878,6 +898,41 @@ def start_log_target(procs: Processes, name: str, origin_port: int) -> Target:
     return Target(name, port, proc, plog, proxied=True, access_log=log)
 
 
+def start_route_target(procs: Processes, name: str, origin_port: int) -> Target:
+    """Start a route-table or round-robin target (rr4: and its 3 more origin servers) after a
+    probe gateway with the same config showed, from its /metrics, that the requests matched
+    the middle route or were shared by every server."""
+    www, prefix, origins = procs.workdir / "www", "", []
+    if name in RR_TARGETS:
+        for k in range(1, RR_TARGETS[name]):
+            values: dict[str, str | int] = {"port": free_port(), "www": www}
+            origins.append(
+                start_nginx(procs, f"{name}-origin{k}", "origin.nginx.conf", LOAD_CORE, values)
+            )
+        ports = [origin_port, *(o.port for o in origins)]
+    else:
+        prefix, ports = bench_prefix(TABLE_TARGETS[name]), [origin_port]
+        populate_www(www, prefix, SMALL_BODY)
+
+    def config(port: int, admin_port: int | None) -> dict[str, Any]:
+        if name in RR_TARGETS:
+            return rr_config(port, ports, admin_port)
+        return table_config(port, origin_port, TABLE_TARGETS[name], admin_port)
+
+    admin_port = free_port()
+    proc, _, port, _ = start_rl_gateway(procs, f"{name}-probe", config(free_port(), admin_port))
+    try:
+        verdict = probe_route_target(name, port, admin_port, ports)
+    except RouteCheckError as exc:
+        raise BenchError(f"{name}: {exc}") from exc
+    finally:
+        procs.stop(proc)
+    print(f"check: {name}: {verdict}")
+    proc, log, port, _ = start_rl_gateway(procs, name, config(free_port(), None))
+    extra = tuple(o.proc for o in origins)
+    return Target(name, port, proc, log, proxied=True, path_prefix=prefix, origins=extra)
+
+
 def start_tls_target(
     procs: Processes, name: str, origin_port: int, files: TlsFiles, probes: dict[str, dict]
 ) -> Target:
@@ -907,7 +962,7 @@ def get_close(
     of the same context). Returns the raw reply and, over TLS, the protocol, cipher, the
     session to offer next and whether this one was resumed. A target that keeps the
     connection open past 10 s raises BenchError."""
-    lines = ["GET / HTTP/1.1", "Host: bench.local", "Connection: close"]
+    lines = [f"GET {target.path_prefix}/ HTTP/1.1", "Host: bench.local", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in target.headers]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode()
     info: dict[str, Any] = {}
@@ -1001,6 +1056,8 @@ def start_targets(
             targets[name] = start_auth_target(procs, name, origin_port, summaries)
         elif name in LOG_TARGETS:
             targets[name] = start_log_target(procs, name, origin_port)
+        elif name in ROUTE_TARGETS:
+            targets[name] = start_route_target(procs, name, origin_port)
         elif name in TLS_TARGETS and tls_files is not None:
             targets[name] = start_tls_target(procs, name, origin_port, tls_files, tls_probes)
     return origin, targets, expected
@@ -1018,7 +1075,7 @@ def check_bodies(
                 for attempt in (1, 2):
                     try:
                         headers = {"Host": "bench.local", **dict(target.headers)}
-                        conn.request("GET", size.path, headers=headers)
+                        conn.request("GET", target.path_prefix + size.path, headers=headers)
                         resp = conn.getresponse()
                         body = resp.read()
                     except (OSError, http.client.HTTPException) as exc:
@@ -1223,7 +1280,7 @@ def measure(
     log_mark = target.access_log.mark() if target.access_log else None
     warm = run_wrk(procs, target, scenario, warmup) if warmup > 0 else None
     proxy_pids = process_tree(target.proc.pid) if target.proxied else []
-    origin_pids = process_tree(origin.proc.pid)
+    origin_pids = [p for o in (origin.proc, *target.origins) for p in process_tree(o.pid)]
     redis_before = target.redis.snapshot() if target.redis else None
     proxy_before, origin_before = cpu_ticks(proxy_pids), cpu_ticks(origin_pids)
     cores_before, wrk_before, t0 = core_ticks(), children_cpu_us(), time.monotonic()
@@ -1371,8 +1428,17 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
                     ng_rps, ng_cpu = round_ratios(runs, sc.name, name, NGINX_TLS)
                     tls["rps_ratio_nginx_tls"] = spread(ng_rps) if NGINX_TLS in targets else None
                     tls["cpu_ratio_nginx_tls"] = spread(ng_cpu) if NGINX_TLS in targets else None
+            route_pair = None
+            if name in PAIRS:
+                pr_rps, pr_cpu = round_ratios(runs, sc.name, name, PAIRS[name])
+                have = PAIRS[name] in targets
+                route_pair = {
+                    "baseline": PAIRS[name],
+                    "rps_ratio": spread(pr_rps) if have else None,
+                    "cpu_ratio": spread(pr_cpu) if have else None,
+                }
             vs_fastgate = None
-            if name in MIDDLEWARE_TARGETS and FASTGATE in targets:
+            if (name in MIDDLEWARE_TARGETS or name in ROUTE_TARGETS) and FASTGATE in targets:
                 fg_rps, fg_cpu = round_ratios(runs, sc.name, name, FASTGATE)
                 vs_fastgate = {"rps_ratio": spread(fg_rps), "cpu_ratio": spread(fg_cpu)}
             summary[sc.name][name] = {
@@ -1395,6 +1461,7 @@ def summarize(runs: Sequence[Run], scenarios: Sequence[Scenario], targets: Seque
                 "access_log": log_summary([r.access_log for r in mine])
                 if name in LOG_TARGETS
                 else None,
+                "route_pair": route_pair,
             }
     return summary
 
@@ -1493,6 +1560,7 @@ def markdown(
         lines += rate_limit_table(summary[sc.name], targets, many)
         lines += auth_table(summary[sc.name], targets, many)
         lines += log_table(summary[sc.name], targets, many)
+        lines += route_table_md(summary[sc.name], targets, many, fmt_spread)
         lines += tls_table(summary[sc.name], targets, many, sc.handshake)
     bad = [r for r in runs if not r.valid]
     if bad:
@@ -1726,7 +1794,7 @@ def machine_info(targets: Sequence[str]) -> dict:
     }
     if "haproxy" in targets:
         versions["haproxy"] = command_output(["haproxy", "-v"])
-    if any(t in (FASTGATE, FASTGATE_TLS) or t in MIDDLEWARE_TARGETS for t in targets):
+    if any(t in (FASTGATE, FASTGATE_TLS, *MIDDLEWARE_TARGETS, *ROUTE_TARGETS) for t in targets):
         versions["fastgate"] = command_output(
             [sys.executable, "-c", "import fastgate; print(getattr(fastgate, '__version__', '?'))"],
             cwd=REPO,

@@ -299,6 +299,16 @@ CONTRACT: dict[str, str] = {
     "fastgate_worker_cpu_seconds_total": "counter",
     "fastgate_worker_resident_memory_bytes": "gauge",
     "fastgate_access_log_dropped_total": "counter",
+    "fastgate_upstream_ejections_total": "counter",
+    "fastgate_upstream_retries_total": "counter",
+    "fastgate_service_retries_total": "counter",
+    "fastgate_service_retry_budget_exhausted_total": "counter",
+    "fastgate_service_circuit_opened_total": "counter",
+    "fastgate_service_circuit_open": "gauge",
+    "fastgate_service_circuit_rejected_total": "counter",
+    "fastgate_service_queued_total": "counter",
+    "fastgate_service_capacity_rejected_total": "counter",
+    "fastgate_service_no_server_total": "counter",
 }
 # Series Prometheus itself adds to every scrape.
 SCRAPE_NAMES = frozenset({"up"})

@@ -7,6 +7,7 @@ from fastgate._core.router cimport Router
 from fastgate._core.stats cimport Shard, ExchangeRecord
 from fastgate._core.accesslog cimport AccessLog
 from fastgate._core.writer cimport ForwardInfo, TraceCtx
+from libc.stdint cimport uint64_t
 
 cdef enum ReqState:
     RQ_HEAD = 0        # waiting for (the rest of) a request head
@@ -32,6 +33,40 @@ cdef enum TimerKind:
     T_UPSTREAM = 4     # upstream connect (502), response head (504), idle gap in its body (abort)
     T_SEND = 5         # the client does not read what we send (abort)
     T_LINGER = 6       # end of the lingering close
+    T_QUEUE = 7        # waiting for a slot of a service at max_concurrent (503)
+
+cdef enum Balance:     # Service.balancer
+    BAL_ROUND_ROBIN = 0    # smooth weighted round robin (nginx's)
+    BAL_LEAST_REQUEST = 1  # power of two choices on requests in flight / weight
+    BAL_RANDOM = 2         # weighted random
+    BAL_HASH = 3           # consistent hash ring on a key (client IP, header, cookie)
+    BAL_STICKY = 4         # the server named by a cookie the gateway set
+
+cdef enum HashOn:
+    HASH_CLIENT_IP = 0
+    HASH_HEADER = 1
+    HASH_COOKIE = 2
+
+cdef enum Outcome:     # how one attempt at a server went (outlier detection, breaker, retries)
+    OUT_OK = 0             # a response head below 500
+    OUT_5XX = 1            # a 5xx response head
+    OUT_CONNECT = 2        # connect (or TLS handshake) failed or timed out: nothing was sent
+    OUT_RESET = 3          # the connection closed or failed before the response head
+    OUT_TIMEOUT = 4        # no response head in time
+
+cdef enum RetryOn:     # Service.retry_on bits
+    RETRY_CONNECT = 1
+    RETRY_RESET = 2
+    RETRY_TIMEOUT = 4
+    RETRY_STATUS = 8
+
+cdef enum BreakerState:
+    CB_CLOSED = 0
+    CB_OPEN = 1
+    CB_HALF_OPEN = 2
+
+cdef enum:
+    WINDOW_BUCKETS = 10    # buckets of the retry-budget and circuit-breaker windows
 
 cdef class Engine:
     cdef readonly object loop
@@ -63,6 +98,7 @@ cdef class EntryConfig:
     cdef readonly double body_timeout
     cdef readonly long long max_body
     cdef readonly bytes proto
+    cdef readonly int max_connections      # open client connections per worker; 0 = no limit
     cdef readonly object trusted_nets      # tuple of ipaddress networks
     cdef readonly bint forwarded_header
     cdef public int stats_entry            # stats K_ENTRY row of the entrypoint
@@ -75,6 +111,8 @@ cdef class EntryConfig:
 cdef class EntryPoint:
     cdef public EntryConfig cfg
     cdef readonly str name
+    cdef readonly int open_connections     # client connections open now (max_connections)
+    cdef readonly unsigned long long refused  # connections refused at max_connections
 
 cdef class ServerPool:
     # One upstream server and its idle keep-alive connections (LIFO).
@@ -98,16 +136,85 @@ cdef class ServerPool:
     cdef public int stats_row              # stats K_SERVER row (service, url)
     cdef double tls_logged                 # when a TLS failure was last logged (rate limit)
     cdef bint closed
+    # Balancing and health (Service); the engine.now clock.
+    cdef readonly int weight
+    cdef readonly bint healthy             # the active health check's verdict (True at start)
+    cdef readonly double ejected_until     # outlier detection: out of rotation until then
+    cdef readonly int consecutive_errors
+    cdef readonly int ejections            # ejections so far (the back-off multiplier)
+    cdef readonly bytes sticky_id          # sticky_cookie value naming this server
     cdef UpstreamCore acquire(self)
     cdef void release(self, UpstreamCore up)
     cdef void expire(self, double now)
     cdef str tls_failed(self, object exc, double now)
 
 cdef class Service:
+    # The servers behind one name and the policies that pick one and handle its failures
+    # (docs/services.md). Everything here runs in C per request; the state is per worker.
     cdef readonly str name
-    cdef readonly tuple servers            # ServerPool, expanded by weight
-    cdef Py_ssize_t rr
-    cdef ServerPool pick(self)
+    cdef readonly tuple pools              # distinct ServerPool, config order
+    cdef int n
+    cdef long *weights
+    cdef long *current                     # smooth weighted round robin state
+    cdef int *scratch                      # n ints: candidate indices (least_request)
+    cdef uint64_t rng                      # xorshift64* state (random, least_request)
+    cdef readonly int balancer             # a Balance
+    cdef int hash_on                       # a HashOn
+    cdef bytes key_name                    # hash: lowercase header name, or the cookie name
+    cdef uint64_t *ring_hash               # hash: the ring, sorted, and each point's pool index
+    cdef int *ring_pool
+    cdef int ring_n
+    cdef bytes cookie_name                 # sticky_cookie
+    cdef bytes cookie_attrs                # "; Path=/; HttpOnly; SameSite=Lax..." + CRLF
+    cdef readonly bint panic               # every server unusable: use them all (else 503)
+    cdef bint guarded                      # health checks or outlier detection: test usable()
+    # outlier detection
+    cdef bint od_on
+    cdef int od_consecutive, od_max_percent
+    cdef double od_base, od_max
+    # retries and their budget
+    cdef readonly int retry_attempts
+    cdef int retry_on                      # RetryOn bits
+    cdef uint64_t retry_statuses[2]        # bit (status - 500) for 500..599
+    cdef double budget_ratio
+    cdef int budget_min                    # retries per window always allowed
+    cdef long long win_sec[10]
+    cdef unsigned int win_req[10]
+    cdef unsigned int win_retry[10]
+    # circuit breaker
+    cdef bint cb_on
+    cdef readonly int cb_state             # a BreakerState
+    cdef double cb_bucket                  # seconds per bucket (window / WINDOW_BUCKETS)
+    cdef long long cb_epoch[10]
+    cdef unsigned int cb_total[10]
+    cdef unsigned int cb_err[10]
+    cdef unsigned int cb_slow[10]
+    cdef int cb_min
+    cdef double cb_err_ratio, cb_slow_ratio   # < 0: not judged
+    cdef long long cb_slow_ns
+    cdef double cb_open_for, cb_opened_at
+    cdef int cb_probes, cb_probe_ok, cb_probe_inflight
+    # concurrency
+    cdef readonly int max_concurrent, max_queue
+    cdef readonly double queue_timeout
+    cdef readonly int inflight
+    cdef object queue                      # collections.deque of waiting ConnCore
+    cdef bint waking
+    cdef Shard shard
+    cdef public int stats_row              # stats K_SERVICE row
+    cdef ServerPool pick(self, ConnCore conn, ServerPool avoid)
+    cdef int choose(self, ConnCore conn, double now, ServerPool avoid, bint any_state)
+    cdef int choose_rr(self, double now, ServerPool avoid, bint any_state) noexcept
+    cdef void build_ring(self)
+    cdef void open_circuit(self, double now, str why)
+    cdef void close_circuit(self)
+    cdef bint usable(self, ServerPool p, double now, ServerPool avoid, bint any_state) noexcept
+    cdef int admit(self, double now)
+    cdef void record(self, ServerPool pool, int outcome, long long latency_ns, bint probe,
+                     double now)
+    cdef void note_request(self, double now) noexcept
+    cdef bint budget_allows(self, double now)
+    cdef void release(self, ConnCore conn)
 
 cdef class CoreCheck:
     # A request check run in C before the Python chain (DESIGN.md §2: no Python frame for a
@@ -134,6 +241,14 @@ cdef class Route:
     cdef readonly tuple chain              # middlewares, built once at compile
     cdef readonly CredentialCache fast_auth  # chain[0]'s verified credentials, or None
     cdef readonly Service service
+    cdef readonly double connect_timeout   # the route's effective upstream timeouts
+    cdef readonly double response_timeout  #   (its own over its service's over the global)
+    cdef readonly double idle_timeout
+    cdef readonly double total_timeout     # 0 = none
+    cdef readonly long long max_body       # request body bytes (413); -1 = the entrypoint's
+    cdef readonly tuple strip_prefixes     # path prefixes removed upstream (first match); None
+    cdef readonly bytes add_prefix         # path prefix added upstream; None
+    cdef readonly object compress          # a compress.CompressRule, or None
     cdef readonly bytes extra_headers      # preformatted request header lines
     cdef readonly tuple strip_headers      # lowercase names never passed upstream; None = none
     cdef readonly long long buffer_body    # >0: read bodies up to this size before the chain
@@ -207,6 +322,18 @@ cdef class ConnCore:
     cdef bint close_after
     cdef bint eof                          # the client half-closed; close once idle
     cdef bint retried
+    cdef ServerPool tried                  # the server of the attempt in flight
+    cdef int attempts                      # retries made for this request
+    cdef bint observed                     # this attempt's outcome was recorded
+    cdef bint holds_slot                   # counted in its service's inflight
+    cdef bint probe                        # a half-open circuit-breaker probe
+    cdef bint queued                       # waiting in its service's queue
+    cdef double total_deadline             # route total timeout (engine.now clock); 0 = none
+    cdef long long max_body                # this request's body limit (route, else entry)
+    cdef bytes resp_extra                  # this request's response header lines
+    cdef bytes sticky_line                 # sticky_cookie: the Set-Cookie line of the pick
+    cdef bytes up_target                   # request-target sent upstream (None: the client's)
+    cdef object enc                        # compress.Encoder of this response, or None
     cdef int read_pause
     cdef bint write_paused
     cdef double deadline
@@ -236,10 +363,19 @@ cdef class ConnCore:
     cdef void send_local(self, object reply)
     cdef UpstreamCore connect(self, ServerPool pool)
     cdef void forward(self)
+    cdef void begin_upstream(self)
+    cdef void attach(self, ServerPool pool, list pending)
+    cdef void arm_upstream(self, double seconds)
+    cdef void observe(self, int outcome)
+    cdef bint retry(self, int outcome)
+    cdef void upstream_error(self, int outcome, int status, str message)
+    cdef void shard_retry(self, ServerPool pool)
     cdef Py_ssize_t forward_body(self, object src, const char *p, Py_ssize_t n)
     cdef void request_sent(self)
     cdef void on_upstream_data(self, bytes data)
     cdef void relay_body(self, object src, const char *p, Py_ssize_t n)
+    cdef void send_compressed_head(self, ResponseHead rh, bint close, bytes lines,
+                                   const char *tail, Py_ssize_t n)
     cdef void detach_up(self, bint reusable)
     cdef void upstream_failed(self, int status, str message)
     cdef void response_done(self)

@@ -48,15 +48,19 @@ answered, in order, then the connection closes; inside a tunnel the FIN is passe
 """
 
 import asyncio
+import hashlib
 import logging
 import os
+from collections import deque
 from ssl import SSLError
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.tuple cimport PyTuple_GET_SIZE
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport qsort
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from libc.string cimport memcpy, memset
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from libc.string cimport memcpy, memset, memcmp
 from cpython.unicode cimport PyUnicode_Check
 
 from fastgate._core.httphead cimport (
@@ -68,12 +72,15 @@ from fastgate._core.body cimport ChunkedScanner
 from fastgate._core.router cimport Router
 from fastgate._core.stats cimport (
     Shard, ExchangeRecord, monotonic_ns, method_class, K_ENTRY, K_SERVER, EW_OPENED, EW_CLOSED,
-    SW_OPENED, SW_CLOSED, SW_CONNECT_ERRORS, SW_TLS_ERRORS, RATE_NONE, DENY_NONE,
+    SW_OPENED, SW_CLOSED, SW_CONNECT_ERRORS, SW_TLS_ERRORS, RATE_NONE, DENY_NONE, K_SERVICE,
+    SW_EJECTIONS, SW_UNHEALTHY, SW_RETRIES, VW_RETRIES, VW_BUDGET_EXHAUSTED, VW_CB_OPENED,
+    VW_CB_OPEN, VW_CB_REJECTED, VW_QUEUED, VW_REJECTED, VW_NO_SERVER,
 )
 from fastgate._core.accesslog cimport (
     AccessLog, LogFields, Text, SAMPLE_ALL, WANT_SPAN, PRE_SERVICE, PRE_SERVER, FMT_COMBINED,
 )
 from fastgate._core.accesslog import json_string, names_fragment
+from fastgate._core.compress cimport CompressRule, Encoder, negotiate
 from fastgate._core.writer cimport (
     ForwardInfo, build_request_head, build_response_head, build_error_reply, client_request_id,
     TraceCtx, trace_begin, trace_seed, trace_value, trust_allows, TRACE_NONE, TRACE_CONTINUED,
@@ -88,6 +95,7 @@ cdef enum:
     LINGER_MS = 2000           # after an error close, read and discard for this long
     TAIL_COPY_MAX = 65536      # body bytes sent in the same write as the response head
 
+cdef tuple COMPRESS_STRIP = (b"etag", b"accept-ranges")
 cdef double TLS_LOG_INTERVAL = 60.0   # seconds between logged TLS failures, per server
 _log = logging.getLogger("fastgate.upstream")
 
@@ -234,8 +242,10 @@ cdef class EntryConfig:
                  double idle_timeout=60.0, double body_timeout=60.0, long long max_body=0,
                  bytes proto=b"http", trusted_nets=(), bint forwarded_header=False,
                  Py_ssize_t max_held=262144, str trust_trace_context="always",
-                 str trust_request_id="always", bint trace_sampled=False):
+                 str trust_request_id="always", bint trace_sampled=False,
+                 int max_connections=0):
         self.router = router
+        self.max_connections = max_connections
         self.trust_trace = _trust_mode(trust_trace_context)
         self.trust_request_id = _trust_mode(trust_request_id)
         self.trace_sampled = trace_sampled
@@ -266,6 +276,36 @@ cdef class EntryPoint:
         self.cfg = cfg
 
 
+cdef inline bint method_idempotent(bytes m) noexcept:
+    """RFC 9110 §9.2.2 idempotent methods: sending one twice has the effect of once."""
+    return (m == b"GET" or m == b"HEAD" or m == b"OPTIONS" or m == b"PUT" or m == b"DELETE"
+            or m == b"TRACE")
+
+
+cdef tuple rewrite_prefix(Route route, RequestHead h):
+    """(upstream target, stripped prefix or None) for the route's strip_prefixes and
+    add_prefix: the first prefix matching at a segment boundary is removed (`/api` strips
+    `/api` and `/api/x`, never `/apix`), then add_prefix is put in front; the query stays."""
+    cdef bytes path = h.path
+    cdef bytes stripped = None
+    cdef Py_ssize_t n
+    if route.strip_prefixes is not None:
+        for prefix in route.strip_prefixes:
+            n = PyBytes_GET_SIZE(<bytes>prefix)
+            if path.startswith(prefix) and (
+                    PyBytes_GET_SIZE(path) == n or path[n] == 47 or prefix == b"/"):
+                stripped = <bytes>prefix
+                path = path[n:] if prefix != b"/" else path
+                if not path.startswith(b"/"):
+                    path = b"/" + path
+                break
+    if route.add_prefix is not None:
+        path = route.add_prefix + path
+    if h.query is not None:
+        path = path + b"?" + h.query
+    return path, stripped
+
+
 cdef class ServerPool:
     def __init__(self, Engine engine, str url, str host, int port, int max_idle=256,
                  double idle_timeout=60.0, double connect_timeout=5.0,
@@ -285,7 +325,18 @@ cdef class ServerPool:
         self.response_timeout = response_timeout
         self.idle_body_timeout = idle_body_timeout
         self.shard = engine.shard
+        self.weight = 1
+        self.healthy = True
         engine.register_pool(self)
+
+    def set_healthy(self, bint healthy):
+        """The active health check's verdict (fastgate/routing/health.py): an unhealthy
+        server leaves its service's rotation until it is healthy again."""
+        if healthy == self.healthy:
+            return
+        self.healthy = healthy
+        self.shard.add(K_SERVER, self.stats_row, SW_UNHEALTHY,
+                       <unsigned long long>-1 if healthy else 1)
 
     cdef UpstreamCore acquire(self):
         cdef UpstreamCore up
@@ -325,6 +376,8 @@ cdef class ServerPool:
         for up in self.idle:
             up.close()
         self.idle = []
+        if not self.healthy:     # the unhealthy gauge counts live generations only
+            self.set_healthy(True)
 
     def idle_count(self):
         return len(self.idle)
@@ -356,27 +409,538 @@ cdef bint is_tls_failure(ServerPool pool, object exc):
     return isinstance(exc, (SSLError, ConnectionResetError, ConnectionAbortedError, EOFError))
 
 
-cdef class Service:
-    def __init__(self, str name, servers, weights=None):
-        cdef list expanded = []
-        if weights is None:
-            weights = [1] * len(servers)
-        for pool, w in zip(servers, weights):
-            expanded.extend([pool] * max(1, int(w)))
-        if not expanded:
-            raise ValueError("a service needs at least one server")
-        self.name = name
-        self.servers = tuple(expanded)
-        self.rr = 0
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    # splitmix64's finalizer: spreads FNV's low-entropy output over the ring
+    x ^= x >> 30
+    x *= 0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= 0x94d049bb133111ebULL
+    x ^= x >> 31
+    return x
 
-    cdef ServerPool pick(self):
-        cdef Py_ssize_t n = len(self.servers)
-        cdef ServerPool s
-        if n == 1:
-            return <ServerPool>self.servers[0]
-        s = <ServerPool>self.servers[self.rr % n]
-        self.rr += 1
-        return s
+
+cdef inline uint64_t hash_bytes(const char *p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 0xcbf29ce484222325ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h ^= <unsigned char>p[i]
+        h *= 0x100000001b3ULL
+    return mix64(h)
+
+
+cdef inline uint64_t next_rand(uint64_t *s) noexcept nogil:
+    # xorshift64*: balancing needs spread, not secrecy
+    cdef uint64_t x = s[0]
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    s[0] = x
+    return x * 0x2545F4914F6CDD1DULL
+
+
+cdef int cookie_value(RequestHead h, bytes name, const char **out) noexcept:
+    """Length of cookie `name`'s value in the request's Cookie lines (*out points at it),
+    or -1 when absent. Cookie pairs are `name=value` separated by `;` and optional spaces."""
+    cdef const char *raw = PyBytes_AS_STRING(h.raw)
+    cdef const char *cname = PyBytes_AS_STRING(name)
+    cdef Py_ssize_t cn = PyBytes_GET_SIZE(name)
+    cdef Py_ssize_t i, a, e, s
+    cdef const uint32_t *off
+    for i in range(h.n_headers):
+        off = h.offs + 4 * i
+        if not header_name_is(raw, off, "cookie", 6):
+            continue
+        a = off[2]
+        e = off[3]
+        while a < e:
+            while a < e and (raw[a] == b' ' or raw[a] == b';'):
+                a += 1
+            s = a
+            while a < e and raw[a] != b';':
+                a += 1
+            # raw[s:a] is one pair
+            if a - s > cn and raw[s + cn] == b'=' and memcmp(raw + s, cname, cn) == 0:
+                out[0] = raw + s + cn + 1
+                return <int>(a - s - cn - 1)
+    return -1
+
+
+cdef int _ring_cmp(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0]
+    cdef uint64_t y = (<const uint64_t *>b)[0]
+    return -1 if x < y else (1 if x > y else 0)
+
+
+cdef class Service:
+    """A named set of servers, the balancer that picks one, and what happens when they fail:
+    health (active checks set ServerPool.healthy; outlier detection ejects), retries with a
+    budget, a circuit breaker, and a concurrency limit with a queue. docs/services.md has the
+    rules; they are all per worker process."""
+
+    def __init__(self, str name, servers, weights=None):
+        cdef int i
+        cdef ServerPool p
+        pools = tuple(servers)
+        if not pools:
+            raise ValueError("a service needs at least one server")
+        if weights is None:
+            weights = [1] * len(pools)
+        self.name = name
+        self.pools = pools
+        self.n = len(pools)
+        self.weights = <long *>PyMem_Malloc(self.n * sizeof(long))
+        self.current = <long *>PyMem_Malloc(self.n * sizeof(long))
+        self.scratch = <int *>PyMem_Malloc(self.n * sizeof(int))
+        if self.weights == NULL or self.current == NULL or self.scratch == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            p = <ServerPool>pools[i]
+            p.weight = max(1, int(weights[i]))
+            self.weights[i] = p.weight
+            self.current[i] = 0
+            p.sticky_id = hashlib.sha256(f"{name}\0{p.url}".encode()).hexdigest()[:16].encode()
+        self.rng = int.from_bytes(os.urandom(8), "little") | 1
+        self.balancer = BAL_ROUND_ROBIN
+        self.retry_attempts = 0
+        self.cb_err_ratio = -1.0
+        self.cb_slow_ratio = -1.0
+        self.queue = deque()
+        # Counted on the overflow row until the compiler registers the service's own.
+        self.shard = (<ServerPool>pools[0]).shard
+        self.stats_row = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.weights)
+        PyMem_Free(self.current)
+        PyMem_Free(self.scratch)
+        PyMem_Free(self.ring_hash)
+        PyMem_Free(self.ring_pool)
+
+    # ---- configuration (compile time) ------------------------------------------------------
+
+    def set_balancer(self, str kind, str hash_on="client_ip", str name=None,
+                     str cookie="fg_server", cookie_max_age=None):
+        kinds = {"round_robin": BAL_ROUND_ROBIN, "least_request": BAL_LEAST_REQUEST,
+                 "random": BAL_RANDOM, "hash": BAL_HASH, "sticky_cookie": BAL_STICKY}
+        self.balancer = kinds[kind]
+        if self.balancer == BAL_HASH:
+            self.hash_on = {"client_ip": HASH_CLIENT_IP, "header": HASH_HEADER,
+                            "cookie": HASH_COOKIE}[hash_on]
+            if self.hash_on != HASH_CLIENT_IP:
+                if not name:
+                    raise ValueError(f"hash on {hash_on} needs a name")
+                self.key_name = name.lower().encode() if self.hash_on == HASH_HEADER \
+                    else name.encode()
+            self.build_ring()
+        elif self.balancer == BAL_STICKY:
+            self.cookie_name = cookie.encode()
+            attrs = "; Path=/; HttpOnly; SameSite=Lax"
+            if cookie_max_age is not None:
+                attrs += f"; Max-Age={int(cookie_max_age)}"
+            self.cookie_attrs = (attrs + "\r\n").encode()
+
+    cdef void build_ring(self):
+        # 160 points per unit of weight (ketama's count), at most 40,000 points in all.
+        cdef int i, k, per, total = 0
+        cdef ServerPool p
+        cdef long wsum = 0
+        for i in range(self.n):
+            wsum += self.weights[i]
+        per = max(1, min(160, <int>(40000 // max(wsum, 1))))
+        for i in range(self.n):
+            total += per * self.weights[i]
+        self.ring_hash = <uint64_t *>PyMem_Malloc(total * 2 * sizeof(uint64_t))
+        self.ring_pool = <int *>PyMem_Malloc(total * sizeof(int))
+        if self.ring_hash == NULL or self.ring_pool == NULL:
+            raise MemoryError()
+        total = 0
+        for i in range(self.n):
+            p = <ServerPool>self.pools[i]
+            for k in range(per * self.weights[i]):
+                point = f"{p.url}#{k}".encode()
+                self.ring_hash[2 * total] = hash_bytes(PyBytes_AS_STRING(point),
+                                                       PyBytes_GET_SIZE(point))
+                self.ring_hash[2 * total + 1] = <uint64_t>i
+                total += 1
+        qsort(self.ring_hash, total, 2 * sizeof(uint64_t), _ring_cmp)
+        for k in range(total):
+            self.ring_pool[k] = <int>self.ring_hash[2 * k + 1]
+            self.ring_hash[k] = self.ring_hash[2 * k]
+        self.ring_n = total
+
+    def set_health(self, bint active_checks, bint panic):
+        """`active_checks`: a health checker sets the servers' `healthy`; `panic`: when no
+        server is usable, use them all rather than answer 503."""
+        self.panic = panic
+        self.guarded = self.guarded or active_checks
+
+    def set_outlier_detection(self, int consecutive_errors, double base_ejection,
+                              double max_ejection, int max_ejected_percent):
+        self.od_on = True
+        self.guarded = True
+        self.od_consecutive = consecutive_errors
+        self.od_base = base_ejection
+        self.od_max = max(max_ejection, base_ejection)
+        self.od_max_percent = max_ejected_percent
+
+    def set_retries(self, int attempts, on=("connect_failure",), statuses=(),
+                    double budget_percent=20.0, int min_per_second=3):
+        names = {"connect_failure": RETRY_CONNECT, "reset": RETRY_RESET,
+                 "timeout": RETRY_TIMEOUT}
+        self.retry_attempts = attempts
+        self.retry_on = 0
+        for word in on:
+            self.retry_on |= names[word]
+        self.retry_statuses[0] = 0
+        self.retry_statuses[1] = 0
+        for status in statuses:
+            if not 500 <= status <= 599:
+                raise ValueError(f"retry status {status} is not 500..599")
+            k = status - 500
+            self.retry_statuses[k >> 6] |= (<uint64_t>1) << (k & 63)
+            self.retry_on |= RETRY_STATUS
+        self.budget_ratio = budget_percent / 100.0
+        self.budget_min = min_per_second * WINDOW_BUCKETS
+
+    def set_circuit_breaker(self, double window, int min_requests, error_ratio, slow_ratio,
+                            double slow_threshold, double open_for, int half_open_requests):
+        self.cb_on = True
+        self.cb_bucket = window / WINDOW_BUCKETS
+        self.cb_min = min_requests
+        self.cb_err_ratio = -1.0 if error_ratio is None else error_ratio
+        self.cb_slow_ratio = -1.0 if slow_ratio is None else slow_ratio
+        self.cb_slow_ns = <long long>(slow_threshold * 1e9)
+        self.cb_open_for = open_for
+        self.cb_probes = half_open_requests
+
+    def set_limits(self, int max_concurrent, int max_queue, double queue_timeout):
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+
+    def attach_stats(self, Shard shard, int row):
+        self.shard = shard
+        self.stats_row = row
+
+    # ---- picking ---------------------------------------------------------------------------
+
+    cdef bint usable(self, ServerPool p, double now, ServerPool avoid, bint any_state) noexcept:
+        if p is avoid:
+            return False
+        return any_state or not self.guarded or (p.healthy and p.ejected_until <= now)
+
+    cdef ServerPool pick(self, ConnCore conn, ServerPool avoid):
+        """The server for this attempt (not `avoid`, the one a retry leaves, unless it is the
+        only one left), or None: no usable server and no panic mode."""
+        cdef double now
+        cdef int i
+        if self.n == 1 and not self.guarded:
+            return <ServerPool>self.pools[0]
+        now = conn.engine.now
+        i = self.choose(conn, now, avoid, False)
+        if i < 0 and avoid is not None:
+            i = self.choose(conn, now, None, False)
+        if i < 0 and self.panic:
+            i = self.choose(conn, now, None, True)
+        if i < 0:
+            return None
+        return <ServerPool>self.pools[i]
+
+    cdef int choose(self, ConnCore conn, double now, ServerPool avoid, bint any_state):
+        cdef int i, best = -1, m = 0, a, b
+        cdef long total = 0
+        cdef ServerPool p, q
+        cdef const char *key = NULL
+        cdef int klen = -1
+        cdef uint64_t h
+        cdef int lo, hi, mid, k
+        cdef bytes ip
+        kind = self.balancer
+        if kind == BAL_STICKY:
+            klen = cookie_value(conn.head, self.cookie_name, &key)
+            if klen == 16:
+                for i in range(self.n):
+                    p = <ServerPool>self.pools[i]
+                    if (memcmp(PyBytes_AS_STRING(p.sticky_id), key, 16) == 0
+                            and self.usable(p, now, avoid, any_state)):
+                        return i
+            kind = BAL_ROUND_ROBIN
+            best = self.choose_rr(now, avoid, any_state)
+            if best >= 0:
+                p = <ServerPool>self.pools[best]
+                # The last pick's cookie (a retry replaces the first pick's), sent once.
+                conn.sticky_line = (b"Set-Cookie: " + self.cookie_name + b"=" + p.sticky_id
+                                    + self.cookie_attrs)
+            return best
+        if kind == BAL_HASH:
+            if self.hash_on == HASH_CLIENT_IP:
+                if conn.fwd.trusted and conn.engine.client_resolver is not None:
+                    ip = conn.engine.client_resolver(conn)
+                else:
+                    ip = conn.fwd.client_ip
+                key = PyBytes_AS_STRING(ip)
+                klen = <int>PyBytes_GET_SIZE(ip)
+            elif self.hash_on == HASH_HEADER:
+                i = conn.head.find(PyBytes_AS_STRING(self.key_name),
+                                   PyBytes_GET_SIZE(self.key_name))
+                if i >= 0:
+                    key = PyBytes_AS_STRING(conn.head.raw) + conn.head.offs[4 * i + 2]
+                    klen = conn.head.offs[4 * i + 3] - conn.head.offs[4 * i + 2]
+            else:
+                klen = cookie_value(conn.head, self.key_name, &key)
+            if klen < 0:
+                return self.choose_rr(now, avoid, any_state)   # no key: spread
+            h = hash_bytes(key, klen)
+            lo = 0
+            hi = self.ring_n
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if self.ring_hash[mid] < h:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            for k in range(self.ring_n):
+                i = self.ring_pool[(lo + k) % self.ring_n]
+                if self.usable(<ServerPool>self.pools[i], now, avoid, any_state):
+                    return i
+            return -1
+        if kind == BAL_RANDOM:
+            for i in range(self.n):
+                if self.usable(<ServerPool>self.pools[i], now, avoid, any_state):
+                    total += self.weights[i]
+            if total == 0:
+                return -1
+            total = <long>(next_rand(&self.rng) % <uint64_t>total)
+            for i in range(self.n):
+                if self.usable(<ServerPool>self.pools[i], now, avoid, any_state):
+                    total -= self.weights[i]
+                    if total < 0:
+                        return i
+            return -1
+        if kind == BAL_LEAST_REQUEST:
+            for i in range(self.n):
+                if self.usable(<ServerPool>self.pools[i], now, avoid, any_state):
+                    self.scratch[m] = i
+                    m += 1
+            if m <= 1:
+                return self.scratch[0] if m == 1 else -1
+            a = <int>(next_rand(&self.rng) % <uint64_t>m)
+            b = <int>(next_rand(&self.rng) % <uint64_t>(m - 1))
+            if b >= a:          # two distinct candidates
+                b += 1
+            a = self.scratch[a]
+            b = self.scratch[b]
+            p = <ServerPool>self.pools[a]
+            q = <ServerPool>self.pools[b]
+            # fewer requests in flight per unit of weight wins
+            if q.active * self.weights[a] < p.active * self.weights[b]:
+                return b
+            return a
+        return self.choose_rr(now, avoid, any_state)
+
+    cdef int choose_rr(self, double now, ServerPool avoid, bint any_state) noexcept:
+        # Smooth weighted round robin: weights 5,1,1 give a a b a c a a, not a a a a a b c.
+        cdef int i, best = -1
+        cdef long total = 0
+        for i in range(self.n):
+            if not self.usable(<ServerPool>self.pools[i], now, avoid, any_state):
+                continue
+            self.current[i] += self.weights[i]
+            total += self.weights[i]
+            if best < 0 or self.current[i] > self.current[best]:
+                best = i
+        if best >= 0:
+            self.current[best] -= total
+        return best
+
+    # ---- outcomes --------------------------------------------------------------------------
+
+    cdef int admit(self, double now):
+        """Circuit breaker: 0 refuse (open), 1 pass, 2 pass as a half-open probe."""
+        if self.cb_state == CB_OPEN:
+            if now < self.cb_opened_at + self.cb_open_for:
+                self.shard.add(K_SERVICE, self.stats_row, VW_CB_REJECTED, 1)
+                return 0
+            self.cb_state = CB_HALF_OPEN
+            self.cb_probe_ok = 0
+            self.cb_probe_inflight = 0
+            _log.info("service %s: circuit half-open, probing", self.name)
+        if self.cb_state == CB_HALF_OPEN:
+            if self.cb_probe_inflight + self.cb_probe_ok < self.cb_probes:
+                self.cb_probe_inflight += 1
+                return 2
+            self.shard.add(K_SERVICE, self.stats_row, VW_CB_REJECTED, 1)
+            return 0
+        return 1
+
+    cdef void open_circuit(self, double now, str why):
+        if self.cb_state == CB_CLOSED:
+            self.shard.add(K_SERVICE, self.stats_row, VW_CB_OPEN, 1)
+        self.cb_state = CB_OPEN
+        self.cb_opened_at = now
+        self.shard.add(K_SERVICE, self.stats_row, VW_CB_OPENED, 1)
+        _log.warning("service %s: circuit open for %.3gs (%s)", self.name, self.cb_open_for, why)
+
+    cdef void close_circuit(self):
+        cdef int k
+        self.cb_state = CB_CLOSED
+        self.shard.add(K_SERVICE, self.stats_row, VW_CB_OPEN, <unsigned long long>-1)
+        for k in range(WINDOW_BUCKETS):
+            self.cb_epoch[k] = -1
+        _log.info("service %s: circuit closed", self.name)
+
+    cdef void record(self, ServerPool pool, int outcome, long long latency_ns, bint probe,
+                     double now):
+        cdef bint failed = outcome != OUT_OK
+        cdef bint slow = latency_ns > self.cb_slow_ns if self.cb_slow_ratio >= 0 else False
+        cdef long long epoch
+        cdef int b, k, ejected = 0
+        cdef unsigned long long total = 0, errs = 0, slows = 0
+        cdef double back_off
+        cdef ServerPool q
+        if self.od_on:
+            if not failed:
+                pool.consecutive_errors = 0
+                if pool.ejections and now > pool.ejected_until + self.od_max:
+                    pool.ejections = 0      # healthy for a long while: back-off starts over
+            else:
+                pool.consecutive_errors += 1
+                if pool.consecutive_errors >= self.od_consecutive and pool.ejected_until <= now:
+                    for k in range(self.n):
+                        q = <ServerPool>self.pools[k]
+                        if q.ejected_until > now:
+                            ejected += 1
+                    if self.od_max_percent > 0 and (
+                            ejected == 0 or (ejected + 1) * 100 <= self.od_max_percent * self.n):
+                        pool.ejections += 1
+                        back_off = min(self.od_base * pool.ejections, self.od_max)
+                        pool.ejected_until = now + back_off
+                        pool.consecutive_errors = 0
+                        self.shard.add(K_SERVER, pool.stats_row, SW_EJECTIONS, 1)
+                        _log.warning("service %s: server %s ejected for %.3gs after %d errors "
+                                     "in a row", self.name, pool.url, back_off,
+                                     self.od_consecutive)
+        if not self.cb_on:
+            return
+        if probe:
+            self.cb_probe_inflight -= 1
+            if failed or slow:
+                self.open_circuit(now, "a half-open probe failed")
+            else:
+                self.cb_probe_ok += 1
+                if self.cb_probe_ok >= self.cb_probes and self.cb_state == CB_HALF_OPEN:
+                    self.close_circuit()
+            return
+        if self.cb_state != CB_CLOSED:
+            return
+        epoch = <long long>(now / self.cb_bucket)
+        b = epoch % WINDOW_BUCKETS
+        if self.cb_epoch[b] != epoch:
+            self.cb_epoch[b] = epoch
+            self.cb_total[b] = 0
+            self.cb_err[b] = 0
+            self.cb_slow[b] = 0
+        self.cb_total[b] += 1
+        self.cb_err[b] += failed
+        self.cb_slow[b] += slow
+        if not (failed or slow):
+            return
+        for k in range(WINDOW_BUCKETS):
+            if self.cb_epoch[k] > epoch - WINDOW_BUCKETS:
+                total += self.cb_total[k]
+                errs += self.cb_err[k]
+                slows += self.cb_slow[k]
+        if total < <unsigned long long>self.cb_min:
+            return
+        if self.cb_err_ratio >= 0 and errs >= self.cb_err_ratio * total:
+            self.open_circuit(now, f"{errs} of {total} requests failed")
+        elif self.cb_slow_ratio >= 0 and slows >= self.cb_slow_ratio * total:
+            self.open_circuit(now, f"{slows} of {total} requests were slow")
+
+    cdef void note_request(self, double now) noexcept:
+        cdef long long sec = <long long>now
+        cdef int b = sec % WINDOW_BUCKETS
+        if self.win_sec[b] != sec:
+            self.win_sec[b] = sec
+            self.win_req[b] = 0
+            self.win_retry[b] = 0
+        self.win_req[b] += 1
+
+    cdef bint budget_allows(self, double now):
+        """A retry now keeps retries within budget_percent of the window's requests (or
+        within the floor of min_per_second), so retries cannot multiply an outage."""
+        cdef long long sec = <long long>now
+        cdef int b, k
+        cdef unsigned long long reqs = 0, retries = 0
+        for k in range(WINDOW_BUCKETS):
+            if self.win_sec[k] > sec - WINDOW_BUCKETS:
+                reqs += self.win_req[k]
+                retries += self.win_retry[k]
+        if retries >= <unsigned long long>self.budget_min and retries >= self.budget_ratio * reqs:
+            self.shard.add(K_SERVICE, self.stats_row, VW_BUDGET_EXHAUSTED, 1)
+            return False
+        b = sec % WINDOW_BUCKETS
+        if self.win_sec[b] != sec:
+            self.win_sec[b] = sec
+            self.win_req[b] = 0
+            self.win_retry[b] = 0
+        self.win_retry[b] += 1
+        self.shard.add(K_SERVICE, self.stats_row, VW_RETRIES, 1)
+        return True
+
+    cdef void release(self, ConnCore conn):
+        """The exchange of `conn` is over: its slot, probe and queue place are given back,
+        and the next queued request (if any) goes."""
+        cdef ConnCore waiter
+        if conn.queued:
+            conn.queued = False
+            try:
+                self.queue.remove(conn)
+            except ValueError:
+                pass
+        if conn.probe:
+            conn.probe = False
+            self.cb_probe_inflight -= 1
+        if not conn.holds_slot:
+            return
+        conn.holds_slot = False
+        self.inflight -= 1
+        if self.waking:
+            return
+        self.waking = True
+        try:
+            while self.queue and self.inflight < self.max_concurrent:
+                waiter = <ConnCore>self.queue.popleft()
+                if not waiter.queued or waiter.rq != RQ_DISPATCH:
+                    continue
+                waiter.queued = False
+                waiter.holds_slot = True
+                self.inflight += 1
+                waiter.set_read_pause(PAUSE_DISPATCH, False)
+                waiter.begin_upstream()
+        finally:
+            self.waking = False
+
+    def retire(self):
+        """The config generation is retired: its open-circuit gauge is given back."""
+        if self.cb_state != CB_CLOSED:
+            self.cb_state = CB_CLOSED
+            self.shard.add(K_SERVICE, self.stats_row, VW_CB_OPEN, <unsigned long long>-1)
+
+    def state(self):
+        """Balancer and resilience state, for tests and the admin listener."""
+        return {
+            "inflight": self.inflight,
+            "queued": len(self.queue),
+            "circuit": ("closed", "open", "half_open")[self.cb_state],
+            "servers": {
+                (<ServerPool>p).url: {
+                    "healthy": (<ServerPool>p).healthy,
+                    "ejected_until": (<ServerPool>p).ejected_until,
+                    "active": (<ServerPool>p).active,
+                } for p in self.pools
+            },
+        }
 
 
 cdef class CoreCheck:
@@ -455,7 +1019,9 @@ cdef class CredentialCache:
 cdef class Route:
     def __init__(self, str name, Service service, tuple chain=(), bytes extra_headers=None,
                  tuple checks=(), strip_headers=(), long long buffer_body=0,
-                 bytes response_headers=None, response_strip=(), CredentialCache fast_auth=None):
+                 bytes response_headers=None, response_strip=(), CredentialCache fast_auth=None,
+                 timeouts=None, long long max_body=-1, strip_prefixes=(), bytes add_prefix=None,
+                 compress=None):
         for c in checks:
             if not isinstance(c, CoreCheck):
                 raise TypeError(f"route {name!r}: {c!r} is not a CoreCheck")
@@ -488,6 +1054,17 @@ cdef class Route:
         if fast_auth is not None and not chain:
             raise ValueError(f"route {name!r}: fast_auth stands for chain[0]; the chain is empty")
         self.fast_auth = fast_auth
+        # Upstream timeouts: (connect, response, idle, total); absent = the first server's.
+        if timeouts is None:
+            p = <ServerPool>service.pools[0]
+            timeouts = (p.connect_timeout, p.response_timeout, p.idle_body_timeout, 0.0)
+        self.connect_timeout, self.response_timeout, self.idle_timeout, self.total_timeout = (
+            timeouts)
+        self.max_body = max_body
+        # Path prefixes rewritten in C at forward time (strip_prefix / add_prefix middlewares).
+        self.strip_prefixes = tuple(strip_prefixes) or None
+        self.add_prefix = add_prefix or None
+        self.compress = compress
         # Logged by default; the compiler sets the route's access_log sample and errors rule.
         self.log_sample = SAMPLE_ALL
         self.log_errors = True
@@ -546,7 +1123,7 @@ cdef class UpstreamCore:
             message = self.pool.tls_failed(exc, self.engine.now)
         c = self.client
         if c is not None and c.up is self:
-            c.upstream_failed(502, message)
+            c.upstream_error(OUT_CONNECT, 502, message)
 
     def connection_lost(self, exc):
         cdef ConnCore c = self.client
@@ -555,6 +1132,8 @@ cdef class UpstreamCore:
         self.engine.shard.add(K_SERVER, self.pool.stats_row, SW_CLOSED, 1)
         if c is not None and isinstance(exc, SSLError) and c.up is self:
             # Not a close: a TLS error ends no message and is never retried.
+            if c.rs == RS_HEAD:
+                c.observe(OUT_RESET)
             c.upstream_failed(502, self.pool.tls_failed(exc, self.engine.now))
         elif c is not None:
             c.on_upstream_lost(self)
@@ -621,6 +1200,12 @@ cdef class ConnCore:
         self.engine.conns.add(self)
         self.rec.ep_row = cfg.stats_entry
         self.engine.shard.add(K_ENTRY, self.rec.ep_row, EW_OPENED, 1)
+        self.ep.open_connections += 1
+        if cfg.max_connections and self.ep.open_connections > cfg.max_connections:
+            # Over the entrypoint's limit: a short 503 and close, before reading anything.
+            self.ep.refused += 1
+            self.reply_error(503, "too many connections", True)
+            return
         self.timer = T_HEAD
         self.deadline = self.engine.now + cfg.head_timeout
         if self.engine.draining:
@@ -674,6 +1259,7 @@ cdef class ConnCore:
         if self.rec.active:
             self.end_exchange()    # cut short (abort, tunnel end, client gone)
         self.engine.shard.add(K_ENTRY, self.rec.ep_row, EW_CLOSED, 1)
+        self.ep.open_connections -= 1
         if self.done_hooks is not None:
             self.run_done_hooks()
         self.rq = RQ_CLOSED
@@ -697,8 +1283,7 @@ cdef class ConnCore:
             self.up.resume_reading()
         if self.timer == T_SEND:
             if self.up is not None:
-                self.timer = T_UPSTREAM
-                self.deadline = self.engine.now + self.up.pool.idle_body_timeout
+                self.arm_upstream(self.route.idle_timeout)
             else:
                 self.timer = T_IDLE
                 self.deadline = self.engine.now + self.cfg.idle_timeout
@@ -816,11 +1401,20 @@ cdef class ConnCore:
         if route is None:
             self.reply_error(404, "no route", h.framing != FRAMING_NONE)
             return self.rq < RQ_CLOSED
-        if cfg.max_body and h.framing == FRAMING_LENGTH and h.content_length > cfg.max_body:
+        self.max_body = (<Route>route).max_body
+        if self.max_body < 0:
+            self.max_body = cfg.max_body
+        if self.max_body and h.framing == FRAMING_LENGTH and h.content_length > self.max_body:
             self.reply_error(413, "request body too large", True)
             return False
         self.route = <Route>route
         h.route = route
+        self.resp_extra = None
+        self.sticky_line = None
+        self.up_target = None
+        self.enc = None
+        self.tried = None
+        self.attempts = 0
         self.rec.route_row = self.route.stats_local
         self.rec.rate_row = self.route.stats_rate
         self.rq = RQ_DISPATCH
@@ -978,8 +1572,7 @@ cdef class ConnCore:
         fut = asyncio.ensure_future(coro)
         fut.add_done_callback(up._connect_done)
         self.set_read_pause(PAUSE_UPSTREAM_FULL, True)
-        self.timer = T_UPSTREAM
-        self.deadline = self.engine.now + pool.connect_timeout
+        self.arm_upstream(self.route.connect_timeout)
         return up
 
     def upstream_connected(self):
@@ -988,28 +1581,69 @@ cdef class ConnCore:
             self.timer = T_BODY
             self.deadline = self.engine.now + self.cfg.body_timeout
         elif self.up is not None:
-            self.timer = T_UPSTREAM
-            self.deadline = self.engine.now + self.up.pool.response_timeout
+            self.arm_upstream(self.route.response_timeout)
 
     cdef void forward(self):
-        """Pick a server, get a connection, send the head, and start the body."""
+        """The chain passed: admission (circuit breaker, concurrency limit and queue), then
+        the first attempt."""
+        cdef Service svc = self.route.service
+        cdef int verdict
+        if svc.cb_on:
+            verdict = svc.admit(self.engine.now)
+            if verdict == 0:
+                self.reply_error(503, "circuit open", self.head.framing != FRAMING_NONE)
+                return
+            self.probe = verdict == 2
+        if svc.max_concurrent:
+            if svc.inflight >= svc.max_concurrent:
+                if len(svc.queue) < svc.max_queue:
+                    # Wait for a slot (Service.release), reading nothing meanwhile.
+                    self.queued = True
+                    svc.queue.append(self)
+                    svc.shard.add(K_SERVICE, svc.stats_row, VW_QUEUED, 1)
+                    self.set_read_pause(PAUSE_DISPATCH, True)
+                    self.timer = T_QUEUE
+                    self.deadline = self.engine.now + svc.queue_timeout
+                    return
+                svc.shard.add(K_SERVICE, svc.stats_row, VW_REJECTED, 1)
+                self.reply_error(503, "service at capacity", self.head.framing != FRAMING_NONE)
+                return
+            svc.inflight += 1
+            self.holds_slot = True
+        self.begin_upstream()
+
+    cdef void begin_upstream(self):
+        """Pick a server, build the upstream head, send it, and start the body."""
         cdef RequestHead h = self.head
-        cdef ServerPool pool = self.route.service.pick()
-        cdef UpstreamCore up = pool.acquire()
-        if up is None:
-            up = self.connect(pool)
-        up.client = self
-        self.up = up
-        extra = self.route.extra_headers
+        cdef Route route = self.route
+        cdef Service svc = route.service
+        cdef ServerPool pool
+        cdef bytes extra, prefix = None
+        self.total_deadline = (self.engine.now + route.total_timeout
+                               if route.total_timeout > 0 else 0.0)
+        if svc.retry_attempts:
+            svc.note_request(self.engine.now)
+        pool = svc.pick(self, None)
+        if pool is None:
+            svc.shard.add(K_SERVICE, svc.stats_row, VW_NO_SERVER, 1)
+            self.reply_error(503, "no healthy server", h.framing != FRAMING_NONE)
+            return
+        extra = route.extra_headers
         if self.up_extra is not None:
             extra = self.up_extra if extra is None else extra + self.up_extra
+        if self.up_target is None and (route.strip_prefixes is not None
+                                       or route.add_prefix is not None):
+            self.up_target, prefix = rewrite_prefix(route, h)
+            if prefix is not None:
+                line = b"X-Forwarded-Prefix: " + prefix + b"\r\n"
+                extra = line if extra is None else extra + line
         self.up_head = build_request_head(h, self.fwd, self.request_id, self.id_from_client,
-                                          extra, self.route.strip_headers, &self.trace)
-        self.rec.route_row = self.route.stats_row
-        self.rec.server_row = pool.stats_row
-        self.log_pool = pool
+                                          extra, route.strip_headers, &self.trace,
+                                          self.up_target)
+        self.rec.route_row = route.stats_row
         self.rec.t_up_start_ns = monotonic_ns()
-        up.send(self.up_head)
+        self.attach(pool, None)
+        self.up.send(self.up_head)
         self.req_framing = h.framing
         if h.framing == FRAMING_LENGTH and h.content_length > 0:
             self.rq = RQ_BODY
@@ -1023,7 +1657,7 @@ cdef class ConnCore:
         else:
             self.request_sent()
             return
-        if up.connected:
+        if self.up.connected:
             self.timer = T_BODY
             self.deadline = self.engine.now + self.cfg.body_timeout
         if self.body_buf is not None:
@@ -1031,6 +1665,106 @@ cdef class ConnCore:
             buffered = bytes(self.body_buf)
             self.body_buf = None
             self.forward_body(buffered, PyBytes_AS_STRING(buffered), PyBytes_GET_SIZE(buffered))
+
+    cdef void attach(self, ServerPool pool, list pending):
+        """Lend this exchange a connection to `pool` (pooled, or a new one) and send it the
+        bytes of an earlier attempt that never connected (`pending`)."""
+        cdef UpstreamCore up = pool.acquire()
+        if up is None:
+            up = self.connect(pool)
+        up.client = self
+        self.up = up
+        self.tried = pool
+        self.observed = False
+        self.rec.server_row = pool.stats_row
+        self.log_pool = pool
+        if pending is not None:
+            for data in pending:
+                up.send(data)
+            if up.connected and self.rq == RQ_SENT:
+                self.arm_upstream(self.route.response_timeout)
+            elif up.connected and self.rq == RQ_BODY:
+                self.timer = T_BODY
+                self.deadline = self.engine.now + self.cfg.body_timeout
+
+    cdef void arm_upstream(self, double seconds):
+        """Guard the upstream for `seconds`, never past the route's total deadline."""
+        cdef double d = self.engine.now + seconds
+        if self.total_deadline and self.total_deadline < d:
+            d = self.total_deadline
+        self.timer = T_UPSTREAM
+        self.deadline = d
+
+    cdef void observe(self, int outcome):
+        """Tell the service how this attempt went (outlier detection, circuit breaker), once."""
+        cdef Service svc
+        cdef bint probe
+        if self.observed or self.tried is None:
+            return
+        self.observed = True
+        svc = self.route.service
+        if not (svc.od_on or svc.cb_on):
+            return
+        probe = self.probe
+        self.probe = False
+        svc.record(self.tried, outcome, monotonic_ns() - self.rec.t_up_start_ns, probe,
+                   self.engine.now)
+
+    cdef bint retry(self, int outcome):
+        """Try another server after `outcome`, when that is safe and allowed: True when a new
+        attempt is under way. A connect failure sent nothing, so its bytes (held while
+        connecting) go to the next server whatever the method; anything else is retried only
+        for an idempotent method whose request had no body and before any of the response
+        reached the client: a POST is never sent twice."""
+        cdef Service svc = self.route.service
+        cdef UpstreamCore old = self.up
+        cdef list pending = None
+        cdef ServerPool pool
+        if (self.attempts >= svc.retry_attempts or self.resp_started or self.rq >= RQ_CLOSED
+                or old is None or self.tried is None):
+            return False
+        if outcome == OUT_CONNECT:
+            if not (svc.retry_on & RETRY_CONNECT) or old.connected or old.pending is None:
+                return False
+            pending = old.pending
+        else:
+            if outcome == OUT_RESET and not (svc.retry_on & RETRY_RESET):
+                return False
+            if outcome == OUT_TIMEOUT and not (svc.retry_on & RETRY_TIMEOUT):
+                return False
+            if outcome == OUT_5XX and not (svc.retry_on & RETRY_STATUS):
+                return False
+            if (self.rq != RQ_SENT or self.req_framing != FRAMING_NONE
+                    or not method_idempotent(self.head.method)):
+                return False
+            pending = [self.up_head]
+        if self.total_deadline and self.engine.now >= self.total_deadline:
+            return False
+        if not svc.budget_allows(self.engine.now):
+            return False
+        self.attempts += 1
+        old.pending = []            # those bytes go to the next server, not this one
+        self.detach_up(False)
+        if self.upbuf is not None:
+            del self.upbuf[:]
+        self.up_scan = 0
+        pool = svc.pick(self, self.tried)
+        if pool is None:
+            return False
+        self.shard_retry(pool)
+        self.attach(pool, pending)
+        return True
+
+    cdef void shard_retry(self, ServerPool pool):
+        self.engine.shard.add(K_SERVER, pool.stats_row, SW_RETRIES, 1)
+
+    cdef void upstream_error(self, int outcome, int status, str message):
+        """An attempt failed before its response started: record it, retry if allowed,
+        else answer `status`."""
+        self.observe(outcome)
+        if self.retry(outcome):
+            return
+        self.upstream_failed(status, message)
 
     cdef Py_ssize_t forward_body(self, object src, const char *p, Py_ssize_t n):
         """Send request body bytes upstream; returns bytes used, -1 when the request failed."""
@@ -1047,7 +1781,7 @@ cdef class ConnCore:
                 return -1
             done = self.req_chunks.done
             self.req_seen += k
-            if self.cfg.max_body and self.req_seen > self.cfg.max_body:
+            if self.max_body and self.req_seen > self.max_body:
                 # Counted on the wire (chunk framing included): a bound, not an exact size.
                 self.upstream_failed(413, "request body too large")
                 return -1
@@ -1070,8 +1804,7 @@ cdef class ConnCore:
             self.finish_exchange(True)
             return
         if self.up is not None and self.up.connected and self.rs == RS_HEAD:
-            self.timer = T_UPSTREAM
-            self.deadline = self.engine.now + self.up.pool.response_timeout
+            self.arm_upstream(self.route.response_timeout)
 
     # ---- upstream events -------------------------------------------------------------------
 
@@ -1132,6 +1865,16 @@ cdef class ConnCore:
             if pos == n:
                 return
 
+        if rh.status >= 500:
+            self.observe(OUT_5XX)
+            svc = self.route.service
+            if ((<Service>svc).retry_on & RETRY_STATUS and rh.status <= 599
+                    and ((<Service>svc).retry_statuses[(rh.status - 500) >> 6]
+                         >> ((rh.status - 500) & 63)) & 1
+                    and self.retry(OUT_5XX)):
+                return
+        else:
+            self.observe(OUT_OK)
         upgrade = rh.status == 101
         if upgrade and self.head.upgrade is None:
             self.upstream_failed(502, "unexpected 101 from upstream")
@@ -1182,15 +1925,36 @@ cdef class ConnCore:
             tail = n - pos
         else:
             done = True
+        resp_lines = self.route.response_headers
+        if self.resp_extra is not None:
+            resp_lines = self.resp_extra if resp_lines is None else resp_lines + self.resp_extra
+        if self.sticky_line is not None:
+            resp_lines = (self.sticky_line if resp_lines is None
+                          else resp_lines + self.sticky_line)
+        if self.route.compress is not None:
+            self.enc = negotiate(<CompressRule>self.route.compress, self.head, rh)
+            if self.enc is not None:
+                self.send_compressed_head(rh, close, resp_lines, p + pos, tail)
+                if self.enc is None:        # bad framing: a 502 went out instead
+                    return
+                pos += tail
+                if done:
+                    if pos < n:
+                        self.up.closing = True
+                    self.response_done()
+                    return
+                self.rs = RS_BODY
+                self.arm_upstream(self.route.idle_timeout)
+                return
         if tail <= TAIL_COPY_MAX:
             out = build_response_head(rh, close, self.head.version == 10 and not close, False,
-                                      p + pos, tail, self.route.response_headers,
+                                      p + pos, tail, resp_lines,
                                       self.route.response_strip, self.request_id, &self.trace)
             self.rec.resp_bytes += PyBytes_GET_SIZE(out)
             self._write(out)
         else:
             self._write(build_response_head(rh, close, self.head.version == 10 and not close,
-                                            False, NULL, 0, self.route.response_headers,
+                                            False, NULL, 0, resp_lines,
                                             self.route.response_strip, self.request_id,
                                             &self.trace))
             self._write(PyBytes_FromStringAndSize(p + pos, tail))
@@ -1202,8 +1966,34 @@ cdef class ConnCore:
             self.response_done()
             return
         self.rs = RS_BODY
-        self.timer = T_UPSTREAM
-        self.deadline = self.engine.now + self.up.pool.idle_body_timeout
+        self.arm_upstream(self.route.idle_timeout)
+
+    cdef void send_compressed_head(self, ResponseHead rh, bint close, bytes lines,
+                                   const char *tail, Py_ssize_t n):
+        """The head of a response the route's compress rule encodes (self.enc): chunked, its
+        Content-Encoding and Vary lines, no Content-Length or Accept-Ranges, and a strong
+        ETag made weak (the bytes differ from the service's representation); then the
+        encoded start of the body."""
+        cdef Encoder enc = <Encoder>self.enc
+        cdef tuple strip = COMPRESS_STRIP
+        etag = rh.get(b"etag")
+        extra = enc.head_lines
+        if etag is not None and not etag.startswith(b"W/"):
+            extra += b"ETag: W/" + etag + b"\r\n"
+        if self.route.response_strip is not None:
+            strip = strip + self.route.response_strip
+        if lines is not None:
+            extra += lines
+        body = enc.feed(tail, n)
+        if body is None:
+            self.enc = None
+            self.resp_started = False
+            self.upstream_failed(502, "bad chunked framing from upstream")
+            return
+        out = build_response_head(rh, close, False, False, NULL, 0, extra, strip,
+                                  self.request_id, &self.trace, True)
+        self.rec.resp_bytes += PyBytes_GET_SIZE(out) + PyBytes_GET_SIZE(body)
+        self._write(out + body if body else out)
 
     cdef void relay_body(self, object src, const char *p, Py_ssize_t n):
         """Write response body bytes to the client; finish the exchange at its end."""
@@ -1221,17 +2011,26 @@ cdef class ConnCore:
             done = self.resp_chunks.done
         else:
             k = n
-        self.rec.resp_bytes += k
-        if k == n:
+        if self.enc is not None:
+            out = (<Encoder>self.enc).feed(p, k)
+            if out is None:
+                self.abort()            # the client sees a cut body, never a short whole one
+                return
+            if out:
+                self.rec.resp_bytes += PyBytes_GET_SIZE(out)
+                self._write(out)
+        elif k == n:
+            self.rec.resp_bytes += k
             self._write(src)
         elif k:
+            self.rec.resp_bytes += k
             self._write(PyBytes_FromStringAndSize(p, k))
         if done:
             if k < n:
                 self.up.closing = True      # bytes beyond the framing: not reusable
             self.response_done()
         elif self.timer == T_UPSTREAM:
-            self.deadline = self.engine.now + self.up.pool.idle_body_timeout
+            self.arm_upstream(self.route.idle_timeout)
 
     def on_upstream_lost(self, UpstreamCore up):
         if up is not self.up:
@@ -1246,16 +2045,20 @@ cdef class ConnCore:
             self.response_done()
             return
         if (self.rs == RS_HEAD and up.reused and not self.retried and self.rq == RQ_SENT
-                and self.req_framing == FRAMING_NONE
+                and self.req_framing == FRAMING_NONE and method_idempotent(self.head.method)
                 and (self.upbuf is None or PyByteArray_GET_SIZE(self.upbuf) == 0)):
             # Keep-alive race (RFC 9112 §9.3.1): the server closed an idle connection as we
-            # reused it. A body-less request is safe to send again, once, on a new connection.
+            # reused it. A body-less idempotent request is safe to send again, once, on a new
+            # connection (a POST never: the server may have acted on it before closing).
             self.retried = True
             self.detach_up(False)
-            up = self.connect(self.route.service.pick())
+            up = self.connect(self.tried)
             up.client = self
             self.up = up
             up.send(self.up_head)
+            return
+        if self.rs == RS_HEAD:
+            self.upstream_error(OUT_RESET, 502, "upstream closed the connection")
             return
         self.upstream_failed(502, "upstream closed the connection")
 
@@ -1290,6 +2093,14 @@ cdef class ConnCore:
         # a server that said so closes next, and a request sent on it would be lost.
         cdef bint reusable = (self.resp_framing != FRAMING_CLOSE and self.rq == RQ_SENT
                               and self.resp is not None and self.resp.keep_alive)
+        if self.enc is not None:
+            out = (<Encoder>self.enc).finish()
+            self.enc = None
+            if out is None:
+                self.abort()
+                return
+            self.rec.resp_bytes += PyBytes_GET_SIZE(out)
+            self._write(out)
         self.resp = None
         self.rec.t_up_end_ns = monotonic_ns()
         self.engine.responses += 1
@@ -1306,6 +2117,18 @@ cdef class ConnCore:
             self.done_hooks = [hook]
         else:
             self.done_hooks.append(hook)
+
+    def add_response_headers(self, bytes lines):
+        """Header lines (`Name: value\r\n`, validated by the caller) added to this request's
+        response from the service (CORS, sticky cookies): per request, unlike the route's."""
+        self.resp_extra = lines if self.resp_extra is None else self.resp_extra + lines
+
+    def set_upstream_target(self, bytes target):
+        """The request-target sent upstream for this request (origin-form, validated by the
+        caller: replace_path_regex)."""
+        if not target.startswith(b"/"):
+            raise ValueError("the upstream target must be in origin-form (start with /)")
+        self.up_target = target
 
     def add_upstream_headers(self, bytes lines):
         """Header lines (`Name: value\r\n` each, already validated) for this request's
@@ -1383,6 +2206,8 @@ cdef class ConnCore:
         if not self.rec.active:
             return
         self.rec.active = False
+        if (self.holds_slot or self.probe or self.queued) and self.route is not None:
+            self.route.service.release(self)
         self.rec.t_end_ns = self.rec.t_up_end_ns if self.rec.t_up_end_ns else monotonic_ns()
         self.engine.shard.record_exchange(&self.rec)
         if self.engine.alog is not None:
@@ -1620,9 +2445,16 @@ cdef class ConnCore:
             if self.up is not None and not self.up.connected:
                 # Still connecting: the server is unreachable, as documented for
                 # timeouts.upstream_connect (502), not slow to answer (504).
-                self.upstream_failed(502, "upstream connect timeout")
+                self.upstream_error(OUT_CONNECT, 502, "upstream connect timeout")
+            elif self.rs == RS_HEAD:
+                self.upstream_error(OUT_TIMEOUT, 504, "upstream timeout")
             else:
                 self.upstream_failed(504, "upstream timeout")
+        elif kind == T_QUEUE:
+            svc = self.route.service
+            (<Service>svc).shard.add(K_SERVICE, (<Service>svc).stats_row, VW_REJECTED, 1)
+            (<Service>svc).release(self)
+            self.reply_error(503, "service queue timeout", self.head.framing != FRAMING_NONE)
         elif kind == T_SEND:
             self.abort()
         elif kind == T_LINGER:

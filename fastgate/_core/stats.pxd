@@ -18,7 +18,8 @@ cdef enum:                      # tables
     K_RATE = 3                  # (route,)
     K_AUTH = 4                  # (route, middleware, reason)
     K_LOG = 5                   # (stream,): access / audit / spans (fastgate/logs)
-    N_KINDS = 6
+    K_SERVICE = 6               # (service,): retries, circuit breaker, queue (conn.Service)
+    N_KINDS = 7
 
 # Word offsets inside one row of each table (u64 each).
 cdef enum:                      # K_ROUTE row words
@@ -36,6 +37,9 @@ cdef enum:                      # K_SERVER row words
     SW_TLS_ERRORS = SW_CONNECT_ERRORS + 1
     SW_OPENED = SW_TLS_ERRORS + 1
     SW_CLOSED = SW_OPENED + 1
+    SW_EJECTIONS = SW_CLOSED + 1        # outlier detection ejected the server
+    SW_UNHEALTHY = SW_EJECTIONS + 1     # gauge: workers whose active check says unhealthy
+    SW_RETRIES = SW_UNHEALTHY + 1       # attempts at this server that were retries
     SERVER_WORDS = 32
 
 cdef enum:                      # K_ENTRY row words
@@ -59,6 +63,16 @@ cdef enum:                      # K_LOG row words (copied from the LogStreams on
     LW_DROPPED = 1              # lines dropped: buffer full, or the writer fell behind
     LOG_WORDS = 4
 
+cdef enum:                      # K_SERVICE row words
+    VW_RETRIES = 0              # retries made
+    VW_BUDGET_EXHAUSTED = 1     # retries not made: the retry budget was spent
+    VW_CB_OPENED = 2            # the circuit opened (also again after a failed probe)
+    VW_CB_OPEN = 3              # gauge: workers whose circuit is open or half-open
+    VW_CB_REJECTED = 4          # requests refused by an open circuit (503)
+    VW_QUEUED = 5               # requests that waited for a slot (max_concurrent)
+    VW_REJECTED = 6             # requests refused at capacity: queue full or timed out (503)
+    VW_NO_SERVER = 7            # requests with no usable server (503)
+    SERVICE_WORDS = 8
 cdef enum RateOutcome:          # ExchangeRecord.rate: the route's rate-limit decision
     RATE_NONE = 0               # no rate limit decided on this request
     RATE_ALLOWED = 1

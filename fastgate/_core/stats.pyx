@@ -78,11 +78,11 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
            10.0, float("inf"))
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other")
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-KINDS = ("route", "server", "entry", "rate", "auth", "log")
+KINDS = ("route", "server", "entry", "rate", "auth", "log", "service")
 OVERFLOW = (("", "_other", ""), ("_other", "_other"), ("_other",), ("_other",),
-            ("_other", "_other", "_other"), ("_other",))
+            ("_other", "_other", "_other"), ("_other",), ("_other",))
 WORDS = {"ROUTE": ROUTE_WORDS, "SERVER": SERVER_WORDS, "ENTRY": ENTRY_WORDS,
-         "RATE": RATE_WORDS, "AUTH": AUTH_WORDS, "LOG": LOG_WORDS}
+         "RATE": RATE_WORDS, "AUTH": AUTH_WORDS, "LOG": LOG_WORDS, "SERVICE": SERVICE_WORDS}
 # Word offsets, for the reader (fastgate/metrics/collector.py) and the copier.
 OFFSETS = {
     "requests": RW_REQUESTS, "buckets": RW_BUCKETS, "sum_ns": RW_SUM_NS,
@@ -92,6 +92,10 @@ OFFSETS = {
     "conn_opened": EW_OPENED, "conn_closed": EW_CLOSED, "tls_ok": EW_TLS_OK,
     "tls_failed": EW_TLS_FAILED, "allowed": AW_ALLOWED, "limited": AW_LIMITED,
     "fallback": AW_FALLBACK, "failures": 0, "log_lines": LW_LINES, "log_dropped": LW_DROPPED,
+    "ejections": SW_EJECTIONS, "unhealthy": SW_UNHEALTHY, "server_retries": SW_RETRIES,
+    "retries": VW_RETRIES, "budget_exhausted": VW_BUDGET_EXHAUSTED, "cb_opened": VW_CB_OPENED,
+    "cb_open": VW_CB_OPEN, "cb_rejected": VW_CB_REJECTED, "queued": VW_QUEUED,
+    "rejected": VW_REJECTED, "no_server": VW_NO_SERVER,
 }
 
 
@@ -144,6 +148,7 @@ cdef size_t _layout(int *nwords, size_t *offsets) noexcept:
     nwords[K_RATE] = RATE_WORDS
     nwords[K_AUTH] = AUTH_WORDS
     nwords[K_LOG] = LOG_WORDS
+    nwords[K_SERVICE] = SERVICE_WORDS
     for k in range(N_KINDS):
         offsets[k] = at
         at += <size_t>ROWS * nwords[k] * 8
@@ -291,6 +296,9 @@ cdef class Shard:
 
     def register_log(self, str stream):
         return self.register(K_LOG, (stream,))
+
+    def register_service(self, str service):
+        return self.register(K_SERVICE, (service,))
 
     # ---- counting ------------------------------------------------------------------------
 

@@ -66,9 +66,10 @@ cdef class ForwardInfo:
 # printable ASCII), Connection/Upgrade for an upgrade, `extra`. Incoming traceparent /
 # tracestate / traceresponse lines are never copied.
 # Headers named in `strip` (lowercase bytes) are dropped: the middlewares own those names.
+# `target` (origin-form, already validated) replaces the request-target (path rewriting).
 cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
                               bint id_from_client, bytes extra, tuple strip=*,
-                              const TraceCtx *trace=*)
+                              const TraceCtx *trace=*, bytes target=*)
 
 # Client response head: status line as sent, hop-by-hop headers dropped (kept for a 101
 # upgrade), `Connection: close` when `close`, `Connection: keep-alive` for an HTTP/1.0 client
@@ -76,10 +77,12 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
 # one write. Headers named in `strip` (lowercase) are dropped and `extra` lines added: what the
 # route's middlewares set on responses (security headers). With `request_id` the upstream's
 # X-Request-ID lines are replaced by ours; with a `trace` its traceresponse lines are replaced
-# by ours (the client sees one of each).
+# by ours (the client sees one of each). `chunked`: the body is re-framed by the relay
+# (compression): the service's framing lines are dropped for `Transfer-Encoding: chunked`.
 cdef bytes build_response_head(ResponseHead h, bint close, bint keep_alive_10, bint upgrade,
                                const char *tail, Py_ssize_t tail_len, bytes extra=*,
-                               tuple strip=*, bytes request_id=*, const TraceCtx *trace=*)
+                               tuple strip=*, bytes request_id=*, const TraceCtx *trace=*,
+                               bint chunked=*)
 
 # A gateway-generated reply: short JSON {"error": ..., "request_id": ...}, with X-Request-ID
 # and (given a started trace) traceresponse headers.

@@ -63,6 +63,7 @@ def _build_request_head(
     extra: bytes | None = None,
     strip: tuple[bytes, ...] | None = None,
     trace: Trace | None = None,
+    target: bytes | None = None,
 ) -> bytes: ...
 def _build_response_head(
     h: ResponseHead,
@@ -74,6 +75,7 @@ def _build_response_head(
     strip: tuple[bytes, ...] | None = None,
     request_id: bytes | None = None,
     trace: Trace | None = None,
+    chunked: bool = False,
 ) -> bytes: ...
 def _build_error_reply(
     status: int,

@@ -371,7 +371,7 @@ cdef inline bint is_stripped(const char *raw, const uint32_t *off, tuple strip):
 
 cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
                               bint id_from_client, bytes extra, tuple strip=None,
-                              const TraceCtx *trace=NULL):
+                              const TraceCtx *trace=NULL, bytes target=None):
     cdef const char *raw = PyBytes_AS_STRING(h.raw)
     cdef Py_ssize_t cap, i
     cdef bint has_tracestate = False
@@ -388,7 +388,8 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
            + 2 * (PyBytes_GET_SIZE(host) if host is not None else 0)
            + PyBytes_GET_SIZE(request_id)
            + (PyBytes_GET_SIZE(h.upgrade) if h.upgrade is not None else 0)
-           + (PyBytes_GET_SIZE(extra) if extra is not None else 0))
+           + (PyBytes_GET_SIZE(extra) if extra is not None else 0)
+           + (PyBytes_GET_SIZE(target) if target is not None else 0))
     tmp = new_bytes(NULL, cap)
     o = start = bytes_buffer(tmp)
 
@@ -396,7 +397,9 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
     o = put_bytes(o, h.method)
     o[0] = b' '
     o += 1
-    if h.absolute_form:
+    if target is not None:
+        o = put_bytes(o, target)
+    elif h.absolute_form:
         o = put_bytes(o, h.path)
         if h.query is not None:
             o[0] = b'?'
@@ -508,7 +511,7 @@ cdef bytes build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
 cdef bytes build_response_head(ResponseHead h, bint close, bint keep_alive_10, bint upgrade,
                                const char *tail, Py_ssize_t tail_len, bytes extra=None,
                                tuple strip=None, bytes request_id=None,
-                               const TraceCtx *trace=NULL):
+                               const TraceCtx *trace=NULL, bint chunked=False):
     cdef const char *raw = PyBytes_AS_STRING(h.raw)
     cdef Py_ssize_t i
     cdef uint32_t *off
@@ -526,7 +529,7 @@ cdef bytes build_response_head(ResponseHead h, bint close, bint keep_alive_10, b
     o = put(o, raw, h.line_end + 2)
     # Framing lines are rewritten only for a message with a body (HEAD, 204 and 304 responses
     # keep their Content-Length as the origin sent it: it describes the resource).
-    normalize = h.framing == FRAMING_LENGTH or h.framing == FRAMING_CHUNKED
+    normalize = h.framing == FRAMING_LENGTH or h.framing == FRAMING_CHUNKED or chunked
     for i in range(h.n_headers):
         if (h.flags[i] & HF_HOP) and not upgrade:
             continue
@@ -544,7 +547,9 @@ cdef bytes build_response_head(ResponseHead h, bint close, bint keep_alive_10, b
         o = put(o, ": ", 2)
         o = put(o, raw + off[2], off[3] - off[2])
         o = put(o, "\r\n", 2)
-    if normalize:
+    if chunked:
+        o = put(o, "Transfer-Encoding: chunked\r\n", 28)
+    elif normalize:
         o = put_framing(o, h)
     if request_id is not None:
         o = put(o, "X-Request-ID: ", 14)
@@ -632,19 +637,19 @@ cdef bytes client_request_id(RequestHead h):
 
 def _build_request_head(RequestHead h, ForwardInfo fi, bytes request_id,
                         bint id_from_client=False, bytes extra=None, tuple strip=None,
-                        Trace trace=None):
+                        Trace trace=None, bytes target=None):
     """Python entry for tests: the upstream head for `h` as the relay would send it."""
     return build_request_head(h, fi, request_id, id_from_client, extra, strip,
-                              &trace.ctx if trace is not None else NULL)
+                              &trace.ctx if trace is not None else NULL, target)
 
 
 def _build_response_head(ResponseHead h, bint close=False, bint keep_alive_10=False,
                          bint upgrade=False, bytes tail=b"", bytes extra=None, tuple strip=None,
-                         bytes request_id=None, Trace trace=None):
+                         bytes request_id=None, Trace trace=None, bint chunked=False):
     """Python entry for tests: the client response head as the relay would send it."""
     return build_response_head(h, close, keep_alive_10, upgrade, PyBytes_AS_STRING(tail),
                                PyBytes_GET_SIZE(tail), extra, strip, request_id,
-                               &trace.ctx if trace is not None else NULL)
+                               &trace.ctx if trace is not None else NULL, chunked)
 
 
 def _build_error_reply(int status, str message, bytes request_id, bint close=True,

@@ -37,11 +37,11 @@ from collections import Counter
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from fastgate._core.accesslog import DENY_AUTH_FAILED, DENY_AUTH_UNAVAILABLE, DENY_FORBIDDEN
 from fastgate.errors import ConfigError
-from fastgate.middleware.base import Identity, LocalReply, RequestContext
+from fastgate.middleware.base import Identity, LocalReply, RequestContext, parse_options
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 field-name
 _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs except HTAB
@@ -78,17 +78,6 @@ class AuthOptions(BaseModel):
 
 
 Options = TypeVar("Options", bound=AuthOptions)
-
-
-def parse_options(model: type[Options], options: Any) -> Options:
-    """Validate `options` with `model`; ConfigError lists each problem by its key path
-    relative to the middleware (the compiler puts `middlewares.<name>.` in front)."""
-    from fastgate.config.schema import pydantic_errors
-
-    try:
-        return model.model_validate(options)
-    except ValidationError as exc:
-        raise ConfigError.from_errors(pydantic_errors(exc, model)) from None
 
 
 class AuthCommon:

@@ -68,6 +68,8 @@ class Runtime:
         stop its middlewares' background work (those that have a `close()`)."""
         for pool in self.pools:
             pool.close_idle()
+        for service in self.services.values():
+            service.retire()
         for name, mw in self.middlewares.items():
             close = getattr(mw, "close", None)
             if close is not None:
@@ -200,8 +202,53 @@ def _build_services(
             members.append(pool)
         pools.extend(members)
         if len(members) == len(svc.servers):
-            services[name] = Service(name, members, [s.weight for s in svc.servers])
+            services[name] = build_service(name, svc, members, engine)
     return services, pools
+
+
+def build_service(name: str, svc: Any, members: list[ServerPool], engine: Engine) -> Service:
+    """The C Service for `services.<name>`: balancer, health, retries, breaker, limits."""
+    service = Service(name, members, [s.weight for s in svc.servers])
+    service.attach_stats(engine.shard, engine.shard.register_service(name))
+    b = svc.balancer
+    service.set_balancer(b.type, b.hash_on, b.name, b.cookie, b.cookie_max_age)
+    service.set_health(svc.health_check is not None, svc.when_all_unhealthy == "panic")
+    od = svc.outlier_detection
+    if od is not None:
+        service.set_outlier_detection(
+            od.consecutive_errors, od.base_ejection, od.max_ejection, od.max_ejected_percent
+        )
+    r = svc.retries
+    service.set_retries(r.attempts, r.retry_on, r.statuses, r.budget_percent, r.min_per_second)
+    cb = svc.circuit_breaker
+    if cb is not None:
+        service.set_circuit_breaker(
+            cb.window,
+            cb.min_requests,
+            cb.error_ratio,
+            cb.slow_ratio,
+            cb.slow_threshold,
+            cb.open_for,
+            cb.half_open_requests,
+        )
+    lim = svc.limits
+    service.set_limits(lim.max_concurrent, lim.max_queue, lim.queue_timeout)
+    return service
+
+
+def path_rules(chain: tuple[Any, ...]) -> tuple[tuple[bytes, ...], bytes | None, Any]:
+    """(strip_prefixes, add_prefix, compress rule) of a route: what its strip_prefix,
+    add_prefix and compress middlewares ask, done in C (no per-request Python)."""
+    strip: list[bytes] = []
+    add: bytes | None = None
+    rule = None
+    for mw in chain:
+        strip.extend(getattr(mw, "strip_prefixes", ()))
+        prefix = getattr(mw, "add_prefix", None)
+        if prefix is not None:
+            add = prefix if add is None else add + prefix
+        rule = getattr(mw, "compress_rule", None) or rule
+    return tuple(strip), add, rule
 
 
 def _build_middlewares(config: Config, errors: list[tuple[str, str]]) -> dict[str, Any]:
@@ -236,15 +283,16 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
     services, pools = _build_services(config, engine, errors)
     chains = _build_middlewares(config, errors)
 
-    limits = Limits(
-        max_head_bytes=config.limits.max_head_bytes,
-        max_headers=config.limits.max_headers,
-        max_target=config.limits.max_target,
-    )
     entries: dict[str, EntryConfig] = {}
     tls: dict[str, TlsGeneration] = {}
     shard = engine.shard
     for ep_name, ep in config.entrypoints.items():
+        head_limits = config.entry_limits(ep_name)
+        limits = Limits(
+            max_head_bytes=head_limits.max_head_bytes,
+            max_headers=head_limits.max_headers,
+            max_target=head_limits.max_target,
+        )
         if ep.tls is not None:
             try:
                 tls[ep_name] = build_generation(f"entrypoints.{ep_name}.tls", ep.tls)
@@ -262,6 +310,19 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             buffer_body = max((getattr(mw, "request_body_limit", 0) for mw in chain), default=0)
             response_lines, response_strip = response_headers(chain)
             request_lines = request_headers(chain)  # the only source of extra_headers today
+            strip_prefixes, add_prefix, compress = path_rules(chain)
+            if (strip_prefixes or add_prefix) and any(
+                getattr(mw, "rewrites_target", False) for mw in chain
+            ):
+                errors.append(
+                    (
+                        f"routes[{i}].middlewares",
+                        "replace_path_regex and strip_prefix/add_prefix on one route: "
+                        "use one way of rewriting the path",
+                    )
+                )
+                continue
+            timeouts = config.route_timeouts(route)
             # A middleware without on_request (security_headers, headers) works through the route's
             # static response headers alone: it costs nothing per request.
             chain = tuple(mw for mw in chain if getattr(mw, "on_request", None) is not None)
@@ -280,6 +341,16 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
                     response_headers=response_lines,
                     response_strip=response_strip,
                     fast_auth=fast_auth,
+                    timeouts=(
+                        timeouts.upstream_connect,
+                        timeouts.upstream_response,
+                        timeouts.upstream_idle,
+                        timeouts.upstream_total or 0.0,
+                    ),
+                    max_body=-1 if route.max_body_bytes is None else route.max_body_bytes,
+                    strip_prefixes=strip_prefixes,
+                    add_prefix=add_prefix,
+                    compress=compress,
                 )
                 target.stats_row = shard.register_route(ep_name, route.name, route.service)
                 target.stats_local = shard.register_route(ep_name, route.name, "")
@@ -318,6 +389,7 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             trust_request_id=ep.forwarded.trust_request_id,
             trace_sampled=ep.forwarded.trace_sampled,
             max_held=config.limits.max_pipeline_bytes,
+            max_connections=ep.max_connections,
         )
         entries[ep_name].stats_entry = shard.register_entry(ep_name)
         entries[ep_name].stats_noroute = shard.register_route(ep_name, "", "")

@@ -145,6 +145,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("FASTGATE_UPSTREAM_CONNECT_TIMEOUT", "timeouts.upstream_connect", "float"),
     EnvVar("FASTGATE_UPSTREAM_RESPONSE_TIMEOUT", "timeouts.upstream_response", "float"),
     EnvVar("FASTGATE_UPSTREAM_IDLE_TIMEOUT", "timeouts.upstream_idle", "float"),
+    EnvVar("FASTGATE_UPSTREAM_TOTAL_TIMEOUT", "timeouts.upstream_total", "float"),
     EnvVar("FASTGATE_POOL_MAX_IDLE", "pool.max_idle", "int"),
     EnvVar("FASTGATE_POOL_IDLE_TIMEOUT", "pool.idle_timeout", "float"),
     EnvVar("FASTGATE_ACCESS_LOG_ENABLED", "access_log.enabled", "bool"),

@@ -257,14 +257,27 @@ class Timeouts(_Model):
         60.0, description="response head after the request was sent; 504"
     )
     upstream_idle: Seconds = Field(60.0, description="gap between response body reads")
+    upstream_total: Seconds | None = Field(
+        None, description="from forwarding to the response's end, retries included; 504"
+    )
 
 
 class UpstreamTimeouts(_Model):
-    """A service's override of the global `upstream_*` timeouts; unset keys inherit."""
+    """A service's (or a route's) override of the `upstream_*` timeouts; unset keys inherit:
+    a route's from its service, a service's from the global `timeouts`."""
 
     upstream_connect: Seconds | None = None
     upstream_response: Seconds | None = None
     upstream_idle: Seconds | None = None
+    upstream_total: Seconds | None = None
+
+
+class LimitsOverride(_Model):
+    """An entrypoint's own head limits; unset keys inherit the global `limits`."""
+
+    max_head_bytes: int | None = Field(None, ge=256, le=1 << 20)
+    max_headers: int | None = Field(None, ge=1, le=512)
+    max_target: int | None = Field(None, ge=16, le=1 << 20)
 
 
 class Pool(_Model):
@@ -401,6 +414,10 @@ class Entrypoint(_Model):
     allow_plaintext: bool = Field(
         False, description="with zero_trust: this entrypoint may serve plain HTTP"
     )
+    max_connections: int = Field(
+        0, ge=0, description="open client connections per worker; more get 503; 0 = unlimited"
+    )
+    limits: LimitsOverride | None = Field(None, description="head limits for this entrypoint")
 
     @property
     def host(self) -> str:
@@ -435,6 +452,7 @@ def _check_log_path(path: str) -> str:
 
 LogPath = Annotated[str, AfterValidator(_check_log_path)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+CookieName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")]
 # The default keys whose query values the access log hides (compared case-insensitively,
 # after percent-decoding); the query parameters auth middlewares read credentials from are
 # added when the log is built (fastgate/logs/runtime.py).
@@ -609,6 +627,10 @@ class Route(_Model):
     access_log: Annotated[RouteAccessLog | None, BeforeValidator(_route_log)] = Field(
         None, description="false: not logged; true or absent: the global rule; or its own"
     )
+    timeouts: UpstreamTimeouts | None = Field(None, description="over the service's timeouts")
+    max_body_bytes: int | None = Field(
+        None, ge=0, description="request body bytes on this route; 413; 0 = unlimited"
+    )
 
 
 class Server(_Model):
@@ -663,8 +685,128 @@ class UpstreamTls(_Model):
         return tuple(dict.fromkeys(p for p in names if p is not None))
 
 
+def _balancer(value: Any) -> Any:
+    """`balancer: least_request` is short for `balancer: {type: least_request}`."""
+    return {"type": value} if isinstance(value, str) else value
+
+
+class Balancer(_Model):
+    """How a service picks a server for each request (docs/services.md)."""
+
+    type: Literal["round_robin", "least_request", "random", "hash", "sticky_cookie"] = Field(
+        "round_robin", description="smooth weighted round robin by default"
+    )
+    hash_on: Literal["client_ip", "header", "cookie"] = Field(
+        "client_ip", description="hash: what the key is"
+    )
+    name: str | None = Field(None, description="hash: the header or cookie name")
+    cookie: CookieName = Field("fg_server", description="sticky_cookie: the cookie's name")
+    cookie_max_age: Seconds | None = Field(None, description="sticky_cookie: absent = session")
+
+    @model_validator(mode="after")
+    def _needs_name(self) -> Balancer:
+        if self.type == "hash" and self.hash_on != "client_ip" and not self.name:
+            raise ValueError(f"hash_on: {self.hash_on} needs `name` (the {self.hash_on} name)")
+        if self.name is not None and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", self.name):
+            raise ValueError(f"name {self.name!r} is not a header or cookie name")
+        return self
+
+
+class HealthCheck(_Model):
+    """Active health check: each worker asks every server of the service on its own."""
+
+    path: str = Field("/", description="the request target asked (origin-form)")
+    method: Literal["GET", "HEAD"] = "GET"
+    host: str | None = Field(None, description="Host header; default: the server's host")
+    interval: Seconds = Field(5.0, le=3600.0, description="seconds between checks")
+    timeout: Seconds = Field(2.0, le=300.0, description="seconds a check may take")
+    expected_statuses: tuple[Annotated[int, Field(ge=100, le=599)], ...] = Field(
+        (), description="statuses that count as healthy; empty = 200-399"
+    )
+    rise: int = Field(2, ge=1, le=100, description="passes in a row to become healthy")
+    fall: int = Field(3, ge=1, le=100, description="failures in a row to become unhealthy")
+
+    @field_validator("host")
+    @classmethod
+    def _host_value(cls, host: str | None) -> str | None:
+        if host is not None and not re.fullmatch(r"[!-~]+", host):
+            raise ValueError("must be printable ASCII without spaces (a Host header value)")
+        return host
+
+    @field_validator("path")
+    @classmethod
+    def _origin_form(cls, path: str) -> str:
+        if not path.startswith("/") or any(c <= " " or c == "\x7f" for c in path):
+            raise ValueError("must start with / and have no spaces or control characters")
+        return path
+
+
+class OutlierDetection(_Model):
+    """Passive health: a server failing in a row is ejected for a back-off that grows with
+    each ejection (base * ejections, at most `max_ejection`)."""
+
+    consecutive_errors: int = Field(
+        5, ge=1, le=10_000, description="5xx answers, connect failures, resets, timeouts"
+    )
+    base_ejection: Seconds = Field(30.0, description="seconds out after the first ejection")
+    max_ejection: Seconds = Field(300.0, description="the longest ejection")
+    max_ejected_percent: int = Field(
+        50, ge=0, le=100, description="never eject more of the service's servers than this"
+    )
+
+
+class CircuitBreaker(_Model):
+    """Per service (per worker): over `window`, too many errors or slow answers open the
+    circuit; open answers 503 at once; after `open_for`, `half_open_requests` probes decide."""
+
+    window: Seconds = Field(10.0, le=3600.0, description="seconds of history judged")
+    min_requests: int = Field(20, ge=1, description="fewer requests in the window: never opens")
+    error_ratio: Fraction | None = Field(
+        0.5, description="5xx/connect/timeout share that opens it; null = not judged"
+    )
+    slow_ratio: Fraction | None = Field(None, description="share of slow answers that opens it")
+    slow_threshold: Seconds = Field(1.0, description="an answer slower than this is slow")
+    open_for: Seconds = Field(10.0, le=3600.0, description="seconds open before probing")
+    half_open_requests: int = Field(3, ge=1, le=1000, description="probes that must succeed")
+
+    @model_validator(mode="after")
+    def _judges_something(self) -> CircuitBreaker:
+        if self.error_ratio is None and self.slow_ratio is None:
+            raise ValueError("set error_ratio or slow_ratio (or both)")
+        return self
+
+
+RetryOn = Literal["connect_failure", "reset", "timeout"]
+_IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")
+
+
+class Retries(_Model):
+    """Trying another server. A connect failure sent nothing, so any request may be retried;
+    a reset, a timeout or a retryable status only for an idempotent method without a body."""
+
+    attempts: int = Field(1, ge=0, le=10, description="retries after the first try; 0 = none")
+    retry_on: tuple[RetryOn, ...] = Field(("connect_failure",), description="what is retried")
+    statuses: tuple[Annotated[int, Field(ge=500, le=599)], ...] = Field(
+        (), description="upstream statuses retried (idempotent, body-less requests only)"
+    )
+    budget_percent: float = Field(
+        20.0, ge=0.0, le=100.0, description="retries at most this share of requests (10 s)"
+    )
+    min_per_second: int = Field(3, ge=0, le=100_000, description="retries always allowed")
+
+
+class ServiceLimits(_Model):
+    """Concurrency per service, per worker: beyond `max_concurrent` requests wait in a queue
+    for up to `queue_timeout`, then get 503; a full queue answers 503 at once."""
+
+    max_concurrent: int = Field(0, ge=0, description="requests in flight; 0 = unlimited")
+    max_queue: int = Field(0, ge=0, description="requests waiting for a slot")
+    queue_timeout: Seconds = Field(1.0, le=300.0, description="seconds a request may wait")
+
+
 class Service(_Model):
-    """A set of servers behind one name, with optional timeout and pool overrides."""
+    """A set of servers behind one name: how one is picked, how failures are handled, and
+    optional timeout and pool overrides (docs/services.md)."""
 
     servers: tuple[Server, ...]
     timeouts: UpstreamTimeouts | None = None
@@ -673,6 +815,15 @@ class Service(_Model):
     allow_plaintext: bool = Field(
         False, description="with zero_trust: this service may have http:// servers"
     )
+    balancer: Annotated[Balancer, BeforeValidator(_balancer)] = Balancer()
+    health_check: HealthCheck | None = Field(None, description="active checks; absent = off")
+    outlier_detection: OutlierDetection | None = Field(None, description="absent = off")
+    when_all_unhealthy: Literal["fail", "panic"] = Field(
+        "fail", description="fail: 503; panic: use every server anyway"
+    )
+    circuit_breaker: CircuitBreaker | None = Field(None, description="absent = off")
+    retries: Retries = Retries()
+    limits: ServiceLimits = ServiceLimits()
 
     @field_validator("servers")
     @classmethod
@@ -873,6 +1024,41 @@ class Config(_Model):
         if override is None:
             return self.timeouts
         return self.timeouts.model_copy(update=override.model_dump(exclude_none=True))
+
+    def shortest_timeout(self) -> float:
+        """The shortest timeout the connection ticker must honour: client-side ones, every
+        route's upstream ones, service queue timeouts, health-check and breaker periods."""
+        t = self.timeouts
+        values = [t.head, t.idle, t.body]
+        for route in self.routes:
+            if route.service in self.services:
+                rt = self.route_timeouts(route)
+                values += [rt.upstream_connect, rt.upstream_response, rt.upstream_idle]
+                values += [rt.upstream_total] if rt.upstream_total else []
+        if not self.routes:
+            values.append(t.upstream_connect)
+        for svc in self.services.values():
+            if svc.limits.max_concurrent and svc.limits.max_queue:
+                values.append(svc.limits.queue_timeout)
+            if svc.circuit_breaker is not None:
+                values.append(svc.circuit_breaker.open_for)
+            if svc.outlier_detection is not None:
+                values.append(svc.outlier_detection.base_ejection)
+        return min(values)
+
+    def route_timeouts(self, route: Route) -> Timeouts:
+        """The timeouts a route's requests run under: its own over its service's."""
+        timeouts = self.effective_timeouts(route.service)
+        if route.timeouts is None:
+            return timeouts
+        return timeouts.model_copy(update=route.timeouts.model_dump(exclude_none=True))
+
+    def entry_limits(self, entrypoint: str) -> Limits:
+        """The head limits of `entrypoint`: its own over the global `limits`."""
+        override = self.entrypoints[entrypoint].limits
+        if override is None:
+            return self.limits
+        return self.limits.model_copy(update=override.model_dump(exclude_none=True))
 
     def effective_pool(self, service: str) -> Pool:
         """The global pool settings with `service`'s overrides applied."""

@@ -32,7 +32,7 @@ from prometheus_client.exposition import choose_encoder
 from fastgate._core.stats import BUCKETS, CLASSES, METHODS, OFFSETS, OVERFLOW, Shard
 from fastgate.metrics.slots import StatsDir
 
-K_ROUTE, K_SERVER, K_ENTRY, K_RATE, K_AUTH, K_LOG = range(6)
+K_ROUTE, K_SERVER, K_ENTRY, K_RATE, K_AUTH, K_LOG, K_SERVICE = range(7)
 LOG_STREAMS = ("access", "audit")  # always reported (0 when off); "spans" once it counted
 N_CLASSES, N_BUCKETS = len(CLASSES), len(BUCKETS)
 _LE = [("+Inf" if b == float("inf") else repr(b)) for b in BUCKETS]
@@ -104,6 +104,9 @@ class GatewayCollector:
             )
             yield from self._middlewares(sum_slots(shards, K_RATE), sum_slots(shards, K_AUTH))
             yield from self._logs(sum_slots(shards, K_LOG))
+            yield from self._services(
+                sum_slots(shards, K_SERVICE), sum_slots(shards, K_SERVICE, live)
+            )
         finally:
             for s in shards:
                 s.close()
@@ -172,7 +175,17 @@ class GatewayCollector:
         )
         health = GaugeMetricFamily(
             "fastgate_upstream_health",
-            "1 healthy, 0 not (no health checks yet: always 1).",
+            "1 when no worker's active health check finds the server unhealthy, else 0.",
+            labels=labels,
+        )
+        ejections = CounterMetricFamily(
+            "fastgate_upstream_ejections",
+            "Times outlier detection took the server out of rotation.",
+            labels=labels,
+        )
+        retries = CounterMetricFamily(
+            "fastgate_upstream_retries",
+            "Attempts at the server that were retries of a failed attempt elsewhere.",
             labels=labels,
         )
         for key, w in servers.items():
@@ -183,9 +196,57 @@ class GatewayCollector:
             w_live = live.get(key)
             n = w_live[OFFSETS["up_opened"]] - w_live[OFFSETS["up_closed"]] if w_live else 0
             conns.add_metric(list(key), max(n, 0))
+            ejections.add_metric(list(key), w[OFFSETS["ejections"]])
+            retries.add_metric(list(key), w[OFFSETS["server_retries"]])
         for service, url in state.servers:
-            health.add_metric([service, url], 1)
-        yield from (dur, errors, tls, conns, health)
+            w_live = live.get((service, url))
+            down = w_live[OFFSETS["unhealthy"]] if w_live else 0
+            health.add_metric([service, url], 0 if 0 < down < 1 << 63 else 1)
+        yield from (dur, errors, tls, conns, health, ejections, retries)
+
+    def _services(self, services: Table, live: Table) -> Iterator[Metric]:
+        counters = (
+            ("retries", "fastgate_service_retries", "Retries made."),
+            (
+                "budget_exhausted",
+                "fastgate_service_retry_budget_exhausted",
+                "Retries not made because the retry budget was spent.",
+            ),
+            ("cb_opened", "fastgate_service_circuit_opened", "Times the circuit breaker opened."),
+            (
+                "cb_rejected",
+                "fastgate_service_circuit_rejected",
+                "Requests refused with 503 by an open circuit.",
+            ),
+            ("queued", "fastgate_service_queued", "Requests that waited for a free slot."),
+            (
+                "rejected",
+                "fastgate_service_capacity_rejected",
+                "Requests refused with 503 at max_concurrent: queue full or wait timed out.",
+            ),
+            (
+                "no_server",
+                "fastgate_service_no_server",
+                "Requests refused with 503: no usable server and no panic mode.",
+            ),
+        )
+        families = [
+            (word, CounterMetricFamily(name, doc, labels=["service"]))
+            for word, name, doc in counters
+        ]
+        circuit = GaugeMetricFamily(
+            "fastgate_service_circuit_open",
+            "Workers whose circuit breaker for the service is open or half-open.",
+            labels=["service"],
+        )
+        for (service,), w in services.items():
+            for word, family in families:
+                family.add_metric([service], w[OFFSETS[word]])
+            w_live = live.get((service,))
+            n = w_live[OFFSETS["cb_open"]] if w_live else 0
+            circuit.add_metric([service], n if n < 1 << 63 else 0)
+        yield from (family for _, family in families)
+        yield circuit
 
     def _entrypoints(self, entries: Table, live: Table, state: GatewayState) -> Iterator[Metric]:
         conns = GaugeMetricFamily(

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from fastgate._core.writer import reason_phrase
+from fastgate.errors import ConfigError
 
 # Response headers only the gateway writes on its own replies (one of each per response).
 _GATEWAY_OWNED = frozenset({"x-request-id", "traceresponse"})
@@ -47,7 +50,9 @@ class LocalReply:
         if self.content_type == "application/json" and body.startswith(b'{"error"'):
             body = body[:-1] + b',"request_id":"' + request_id + b'"}\n'
         lines = [f"HTTP/1.1 {self.status} {reason_phrase(self.status)}"]
-        if body or self.status >= 200:
+        if self.status in (204, 304):
+            body = b""  # no content, and no Content-Length (RFC 9110 §8.6)
+        elif body or self.status >= 200:
             lines.append(f"Content-Type: {self.content_type}")
             lines.append(f"Content-Length: {len(body)}")
         lines.extend(f"{k}: {v}" for k, v in self.headers if k.lower() not in _GATEWAY_OWNED)
@@ -98,3 +103,17 @@ class Middleware(Protocol):
     type: ClassVar[str]
 
     def on_request(self, ctx: RequestContext) -> LocalReply | Awaitable[Any] | None: ...
+
+
+Options = TypeVar("Options", bound=BaseModel)
+
+
+def parse_options(model: type[Options], options: Any) -> Options:
+    """Validate a middleware's `options` with `model`; ConfigError lists each problem by its
+    key path relative to the middleware (the compiler puts `middlewares.<name>.` in front)."""
+    from fastgate.config.schema import pydantic_errors
+
+    try:
+        return model.model_validate(options)
+    except ValidationError as exc:
+        raise ConfigError.from_errors(pydantic_errors(exc, model)) from None

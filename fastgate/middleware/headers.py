@@ -42,9 +42,10 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from fastgate.errors import ConfigError
+from fastgate.middleware.base import parse_options
 from fastgate.middleware.registry import register
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -83,12 +84,7 @@ class Headers:
     # No on_request on purpose: the route's compiled heads carry everything.
 
     def __init__(self, options: dict[str, Any], name: str) -> None:
-        from fastgate.config.schema import pydantic_errors
-
-        try:
-            opts = HeadersOptions.model_validate(options or {})
-        except ValidationError as exc:
-            raise ConfigError.from_errors(pydantic_errors(exc, HeadersOptions)) from None
+        opts = parse_options(HeadersOptions, options or {})
         self.name = name
         request = _Side("request", opts.request)
         response = _Side("response", opts.response)

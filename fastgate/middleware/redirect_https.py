@@ -23,10 +23,9 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from fastgate.errors import ConfigError
-from fastgate.middleware.base import LocalReply, RequestContext
+from fastgate.middleware.base import LocalReply, RequestContext, parse_options
 from fastgate.middleware.registry import register
 
 _HOST = re.compile(
@@ -48,12 +47,7 @@ class RedirectHttps:
     type: ClassVar[str] = "redirect_https"
 
     def __init__(self, options: dict[str, Any], name: str) -> None:
-        from fastgate.config.schema import pydantic_errors
-
-        try:
-            opts = RedirectHttpsOptions.model_validate(options or {})
-        except ValidationError as exc:
-            raise ConfigError.from_errors(pydantic_errors(exc, RedirectHttpsOptions)) from None
+        opts = parse_options(RedirectHttpsOptions, options or {})
         self.name = name
         self.port = b"" if opts.port == 443 else b":%d" % opts.port
         self.safe_status, self.other_status = (301, 308) if opts.permanent else (302, 307)

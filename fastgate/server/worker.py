@@ -33,6 +33,10 @@ path is "-" writes to the duplicate of the gateway's stdout that the supervisor 
 (`stdout_fd` in the start message); without one (run standalone) "-" means fd 1 as found
 when `run_worker` was called, or stderr under the supervisor.
 
+Active health checks (fastgate/routing/health.py): each runtime gets its own HealthChecker,
+started once that runtime is in use (start, reload) and stopped when it is retired (reload,
+drain); a new generation's checker starts fresh, with every server healthy.
+
 Drain (SIGTERM/SIGINT, or stdin closing because the supervisor is gone): close the listeners,
 stop keep-alive (idle connections close now, busy ones after their response), wait for the
 in-flight requests up to drain_timeout, then exit; the process exit closes whatever is still
@@ -60,6 +64,7 @@ from fastgate.config.schema import Config, Entrypoint, parse_config
 from fastgate.errors import ConfigError
 from fastgate.logs.runtime import LogRuntime, log_settings
 from fastgate.metrics.copier import TallyCopier, copy_forever, copy_once
+from fastgate.routing.health import HealthChecker
 from fastgate.server.dispatch import dispatch
 from fastgate.server.listener import bind
 from fastgate.tls.server import TlsListener, describe, listener_shape
@@ -92,6 +97,7 @@ class Worker:
         self.copier = TallyCopier(self.engine.shard)
         self._copying: asyncio.Task[None] | None = None
         self.runtime: Runtime = compile_runtime(config, self.engine)
+        self.health: HealthChecker | None = None  # the runtime's active checks, once started
         self.stdout_fd = stdout_fd  # where a log with path "-" goes (never the status fd)
         try:
             self.logs = LogRuntime(config, self.loop, self.engine.shard, stdout_fd)
@@ -114,6 +120,7 @@ class Worker:
         for name, sock in socks.items():
             await self._serve(name, sock)
         self.logs.start()
+        self._check_health()
         self._copying = self.loop.create_task(
             copy_forever(self.copier, lambda: (self.runtime, self.tls))
         )
@@ -181,6 +188,7 @@ class Worker:
         self.engine.set_tick_interval(_tick_for(config))
         logging.getLogger().setLevel(config.log_level.upper())
         old.retire()
+        self._check_health()
         if logs is not None:
             # New exchanges log through the new streams; the old ones are emptied and closed.
             old_logs, self.logs = self.logs, logs
@@ -286,8 +294,17 @@ class Worker:
         # Every exchange has ended (and logged): write the last lines, then count.
         await self.logs.close()
         copy_once(self.copier, self.runtime, self.tls)
+        if self.health is not None:
+            self.health.stop()
         self.runtime.retire()
         return left
+
+    def _check_health(self) -> None:
+        """Stop the retired runtime's health checks and start the current one's."""
+        if self.health is not None:
+            self.health.stop()
+        self.health = HealthChecker(self.runtime)
+        self.health.start()
 
 
 def _bind_all(entrypoints: Mapping[str, Entrypoint]) -> dict[str, socket.socket]:
@@ -319,8 +336,7 @@ def _open_slot(path: str | None) -> Shard | None:
 
 def _tick_for(config: Config) -> float:
     """The ticker period: a quarter of the shortest timeout, between 20 ms and 1 s."""
-    t = config.timeouts
-    return max(0.02, min(1.0, min(t.head, t.idle, t.body, t.upstream_connect) / 4))
+    return max(0.02, min(1.0, config.shortest_timeout() / 4))
 
 
 def _write_status(fd: int, word: str, generation: int, reason: str) -> None:

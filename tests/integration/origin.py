@@ -21,6 +21,7 @@ except where noted):
   /chunked/N           the same bytes as chunked with varied chunk sizes (`chunk_plan`);
                        `?trailer=1` adds a trailer field
   /close/N             the same bytes, close-delimited (no length), then FIN
+                       (/bytes, /chunked, /close: `?type=T` adds `Content-Type: T`)
   /status/N            status N; `?cl=K` sends `Content-Length: K` and `?body=K` K body bytes,
                        defaults: 204/304 neither, others a short body with its length
   /sleep/S             answers after S seconds
@@ -601,6 +602,8 @@ class Origin(asyncio.Protocol):
             close = True
         if close and kind != "close":
             headers.append(("Connection", "close"))
+        if req.query.get("type"):
+            headers.append(("Content-Type", req.query["type"].replace("%2F", "/")))
         self.transport.write(self.head_bytes(200, headers))
         if head_only:
             self.done(close)

@@ -163,16 +163,16 @@ def test_no_routes_compile_to_an_empty_table(engine: Engine) -> None:
 # ---- services and pools ----------------------------------------------------------------------
 
 
-def test_services_expand_weights_and_share_pools(engine: Engine) -> None:
+def test_services_keep_distinct_pools_with_their_weights(engine: Engine) -> None:
     runtime = compiled(engine)
     api = runtime.services["api"]
     assert type(api) is Service and api.name == "api"
-    first, second = runtime.services["api"].servers[0], runtime.services["api"].servers[3]
-    assert api.servers == (first, first, first, second)
+    first, second = api.pools
+    assert (first.weight, second.weight) == (3, 1)
     assert {id(p) for p in runtime.pools} == {
         id(first),
         id(second),
-        id(runtime.services["static"].servers[0]),
+        id(runtime.services["static"].pools[0]),
     }
 
 
@@ -196,7 +196,7 @@ def test_services_expand_weights_and_share_pools(engine: Engine) -> None:
         ),
         pytest.param(
             "api",
-            3,
+            1,
             {"url": "http://10.0.0.2", "host": "10.0.0.2", "port": 80, "max_idle": 2},
             id="port defaults to 80",
         ),
@@ -220,7 +220,7 @@ def test_services_expand_weights_and_share_pools(engine: Engine) -> None:
 def test_pools_get_effective_timeouts_and_pool_settings(
     engine: Engine, service: str, index: int, expected: dict[str, Any]
 ) -> None:
-    pool = compiled(engine).services[service].servers[index]
+    pool = compiled(engine).services[service].pools[index]
     assert type(pool) is ServerPool
     assert {key: getattr(pool, key) for key in expected} == expected
     assert pool.active == 0 and pool.idle_count() == 0

@@ -304,14 +304,14 @@ def test_compile_puts_the_context_on_https_pools(engine: Engine, files: dict[str
     }
     runtime = compile_runtime(parse_config(document(services=services)), engine)
     try:
-        plain, by_ip, by_name = runtime.services["api"].servers
+        plain, by_ip, by_name = runtime.services["api"].pools
         assert plain.ssl is None and plain.server_hostname is None
         assert isinstance(by_ip.ssl, ssl.SSLContext) and by_ip.server_hostname == "10.0.0.2"
         assert by_name.ssl is by_ip.ssl and by_name.server_hostname == "h.test"
         assert (by_ip.host, by_ip.port) == ("10.0.0.2", 443)
-        (named,) = runtime.services["named"].servers
+        (named,) = runtime.services["named"].pools
         assert named.server_hostname == "n.test" and named.ssl is not by_ip.ssl
-        (same,) = runtime.services["same"].servers
+        (same,) = runtime.services["same"].pools
         assert same.ssl is by_ip.ssl  # equal settings share one context
     finally:
         runtime.retire()
