@@ -165,7 +165,7 @@ cdef class Service:
     cdef int *ring_pool
     cdef int ring_n
     cdef bytes cookie_name                 # sticky_cookie
-    cdef bytes cookie_attrs                # "; Path=/; HttpOnly; SameSite=Lax..." + CRLF
+    cdef bytes cookie_attrs                # "; Path=/; HttpOnly; SameSite=Lax[; Max-Age=N]"
     cdef readonly bint panic               # every server unusable: use them all (else 503)
     cdef bint guarded                      # health checks or outlier detection: test usable()
     # outlier detection

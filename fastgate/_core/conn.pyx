@@ -537,7 +537,7 @@ cdef class Service:
             attrs = "; Path=/; HttpOnly; SameSite=Lax"
             if cookie_max_age is not None:
                 attrs += f"; Max-Age={int(cookie_max_age)}"
-            self.cookie_attrs = (attrs + "\r\n").encode()
+            self.cookie_attrs = attrs.encode()
 
     cdef void build_ring(self):
         # 160 points per unit of weight (ketama's count), at most 40,000 points in all.
@@ -669,8 +669,11 @@ cdef class Service:
             if best >= 0:
                 p = <ServerPool>self.pools[best]
                 # The last pick's cookie (a retry replaces the first pick's), sent once.
+                # Secure when the client came over TLS (it then never leaks to plain HTTP).
                 conn.sticky_line = (b"Set-Cookie: " + self.cookie_name + b"=" + p.sticky_id
-                                    + self.cookie_attrs)
+                                    + self.cookie_attrs
+                                    + (b"; Secure\r\n" if conn.fwd.proto == b"https"
+                                       else b"\r\n"))
             return best
         if kind == BAL_HASH:
             if self.hash_on == HASH_CLIENT_IP:

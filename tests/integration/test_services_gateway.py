@@ -294,6 +294,39 @@ def test_sticky_cookie_sets_then_sticks(make_origin: Callable, start_gateway: St
     assert others == {"a", "b"}
 
 
+def test_sticky_cookie_is_secure_over_tls(
+    make_origin: Callable, start_gateway: Start, tmp_path: Path
+) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("gw.test")
+    cert, key = tmp_path / "gw.pem", tmp_path / "gw.key"
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    a, b = make_origin("a"), make_origin("b")
+    cfg = service_config([a, b], {"balancer": "sticky_cookie"})
+    cfg["entrypoints"]["web"]["tls"] = {
+        "certificates": [{"cert_file": str(cert), "key_file": str(key)}]
+    }
+    gw = start_gateway(cfg)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with socket.create_connection(gw.addr, timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="gw.test") as tls:
+            tls.sendall(b"GET /x HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    assert head.startswith("HTTP/1.1 200")
+    cookies = [line for line in head.split("\r\n") if line.lower().startswith("set-cookie:")]
+    assert len(cookies) == 1
+    assert cookies[0].endswith("; Path=/; HttpOnly; SameSite=Lax; Secure"), cookies
+
+
 @pytest.mark.parametrize(
     "value",
     [
