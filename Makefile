@@ -8,7 +8,7 @@ BENCH_TARGETS ?= origin,nginx,haproxy,fastgate,fastgate-rl-local
 BENCH_ARGS ?=
 BENCH = $(PYTHON) benchmarks/run.py --targets $(BENCH_TARGETS)
 
-.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls pycalls
+.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls bench-routes pycalls
 
 .DEFAULT_GOAL := help
 
@@ -20,6 +20,7 @@ help:
 	@echo "make bench-quick one short round, to check the benchmark setup"
 	@echo "make bench-ratelimit  plain fastgate vs local, hybrid and redis rate limits"
 	@echo "make bench-tls   TLS termination vs nginx, keep-alive and a new connection per request"
+	@echo "make bench-routes  1,000 vs 10 routes, and round robin over 4 servers vs 1"
 	@echo "make pycalls     Python calls per proxied request"
 
 build:
@@ -51,3 +52,9 @@ bench-ratelimit:
 # 50 connections, keep-alive and Connection: close (a new TLS handshake per request): ~3 min.
 bench-tls:
 	$(PYTHON) benchmarks/run.py --targets nginx,fastgate,nginx-tls,fastgate-tls --sizes small --connections 50 --handshake keep-alive,close $(BENCH_ARGS)
+
+# Route-table size and upstream count (issue 7): the 1,000-route table must cost <= 5% of the
+# 10-route one; round robin over 4 nginx origins vs 1. 5 rounds, 12 B and 16 KiB: ~6 min.
+bench-routes:
+	$(PYTHON) benchmarks/run.py --rounds 5 --targets fastgate,fastgate-routes10,fastgate-routes1000 --sizes small $(BENCH_ARGS)
+	$(PYTHON) benchmarks/run.py --rounds 5 --targets fastgate,fastgate-rr1,fastgate-rr4 --sizes small,16k $(BENCH_ARGS)
