@@ -8,7 +8,7 @@ BENCH_TARGETS ?= origin,nginx,haproxy,fastgate,fastgate-rl-local
 BENCH_ARGS ?=
 BENCH = $(PYTHON) benchmarks/run.py --targets $(BENCH_TARGETS)
 
-.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls bench-routes pycalls
+.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls bench-routes pycalls reference soak conn-scale
 
 .DEFAULT_GOAL := help
 
@@ -22,6 +22,9 @@ help:
 	@echo "make bench-tls   TLS termination vs nginx, keep-alive and a new connection per request"
 	@echo "make bench-routes  1,000 vs 10 routes, and round robin over 4 servers vs 1"
 	@echo "make pycalls     Python calls per proxied request"
+	@echo "make reference   regenerate docs/reference.md from the schema"
+	@echo "make soak        10-minute soak with mixed traffic: RSS flat? p99 per 10 s (nginx, redis-server)"
+	@echo "make conn-scale  memory per idle keep-alive connection, 10,000 on one worker"
 
 build:
 	$(PYTHON) setup.py build_ext --inplace
@@ -30,8 +33,9 @@ test:
 	$(PYTHON) -m pytest -q
 
 lint:
-	ruff check fastgate tests benchmarks
-	ruff format --check fastgate tests benchmarks
+	ruff check fastgate tests benchmarks tools
+	ruff format --check fastgate tests benchmarks tools
+	$(PYTHON) tools/gen_config_reference.py --check
 
 pycalls:
 	PYTHONPATH=. $(PYTHON) benchmarks/pycalls.py
@@ -58,3 +62,17 @@ bench-tls:
 bench-routes:
 	$(PYTHON) benchmarks/run.py --rounds 5 --targets fastgate,fastgate-routes10,fastgate-routes1000 --sizes small $(BENCH_ARGS)
 	$(PYTHON) benchmarks/run.py --rounds 5 --targets fastgate,fastgate-rr1,fastgate-rr4 --sizes small,16k $(BENCH_ARGS)
+
+# docs/reference.md is generated from the schema (a unit test fails when it is stale).
+reference:
+	$(PYTHON) tools/gen_config_reference.py
+
+# Soak (issue 8): mixed traffic through 2 workers; is RSS flat after warm-up? Default 10 minutes.
+SOAK_MINUTES ?= 10
+SOAK_ARGS ?=
+soak:
+	$(PYTHON) benchmarks/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
+
+# Memory per idle keep-alive connection: 1,000 / 5,000 / 10,000 connections on one worker (~1 min).
+conn-scale:
+	$(PYTHON) benchmarks/conn_scale.py $(SOAK_ARGS)

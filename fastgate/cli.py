@@ -1,4 +1,4 @@
-"""The `fastgate` command: run, proxy, check, version, consumers, keys.
+"""The `fastgate` command: run, proxy, check, audit, version, consumers, keys.
 
 Configuration problems are the user's to fix, not bugs: they are printed one per line as
 `error: key.path: reason` on stderr with exit status 2, never as a traceback. The server is
@@ -126,6 +126,20 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and summarize it")
     check.add_argument("-c", "--config", metavar="FILE", help=config_help)
 
+    audit = sub.add_parser("audit", help="report the security posture of a config file")
+    audit.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    audit.add_argument(
+        "--format", choices=("text", "json"), default="text", help="text (default) or json"
+    )
+    audit.add_argument(
+        "--fail-on",
+        choices=("none", "info", "low", "medium", "high", "critical"),
+        default="none",
+        metavar="SEVERITY",
+        help="none (default: exit 0), info, low, medium, high or critical: exit 1 when a "
+        "finding is at SEVERITY or above",
+    )
+
     sub.add_parser("version", help="print the version")
     _store_commands(sub)
     return parser
@@ -169,6 +183,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(line)
     print("ok")
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """The posture report (fastgate/audit.py); the file is read raw as well, to tell a secret
+    written in it from one taken from `${VAR}`. Only key paths are printed, never values."""
+    from fastgate.audit import audit, format_text
+    from fastgate.config.loader import build_config, read_config_file
+
+    path = _config_path(args)
+    raw = read_config_file(path)
+    config = _load(lambda: build_config(raw))
+    report = audit(config, raw, path or "embedded default")  # type: ignore[arg-type]
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print("\n".join(format_text(report)))
+    return 1 if report.fails(args.fail_on) else 0
 
 
 def _serve(config: object, path: str | None, overrides: dict[str, object]) -> int:
@@ -365,6 +396,7 @@ _COMMANDS = {
     "run": _cmd_run,
     "proxy": _cmd_proxy,
     "check": _cmd_check,
+    "audit": _cmd_audit,
     "consumers": _store_command(_consumers),
     "keys": _store_command(_keys),
 }

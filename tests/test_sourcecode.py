@@ -1,4 +1,4 @@
-"""Lint as a test (STYLE.md §8): ruff must be clean on the package, tests and benchmarks."""
+"""Lint as a test (STYLE.md §8): ruff must be clean on the package, tests, benchmarks and tools."""
 
 import shutil
 import subprocess
@@ -12,7 +12,7 @@ def test_ruff_clean() -> None:
     ruff = shutil.which("ruff")
     cmd = [ruff] if ruff else [sys.executable, "-m", "ruff"]
     result = subprocess.run(
-        [*cmd, "check", "fastgate", "tests", "benchmarks"],
+        [*cmd, "check", "fastgate", "tests", "benchmarks", "tools"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -945,7 +945,7 @@ class Providers(_Model):
 
 
 class Admin(_Model):
-    """The admin listener (/metrics, /healthz, /readyz, /config). Keep it on loopback."""
+    """The admin listener (/metrics, /healthz, /readyz, /audit). Keep it on loopback."""
 
     address: Address = "127.0.0.1:9901"
     enabled: bool = True

@@ -1,14 +1,18 @@
-"""The admin listener (loopback by default): /healthz, /readyz and /metrics.
+"""The admin listener (loopback by default): /healthz, /readyz, /metrics and /audit.
 
 `/healthz` answers 200 while the supervisor's loop runs (liveness). `/readyz` answers the
 supervisor's status document as JSON, 200 when every worker is ready and the gateway is not
 stopping, else 503 (readiness). `/metrics` answers the Prometheus exposition of the whole
 gateway (fastgate/metrics/collector.py): OpenMetrics when the Accept header asks for
-`application/openmetrics-text`, the text format 0.0.4 otherwise. GET and HEAD only (405 with
+`application/openmetrics-text`, the text format 0.0.4 otherwise. `/audit` answers the
+security posture report of the running config as JSON (fastgate/audit.py, the same document
+as `fastgate audit --format json`: key paths, never secret values), built off the loop in the
+default (bounded) executor since it re-reads the config file. GET and HEAD only (405 with
 `Allow` otherwise, RFC 9110 §15.5.6); one request per connection, answered with
 `Connection: close`. The request head is bounded (8 KiB, 10 s); anything that does not parse
 as a request line gets 400. The admin listener has no authentication: keep it on loopback or
-a private network (metrics carry route and server names, never credentials or client data).
+a private network (metrics and the audit carry route and server names, never credentials or
+client data).
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from fastgate.config.schema import parse_address
+from fastgate.audit import audit as audit_config
+from fastgate.config.loader import read_config_file
+from fastgate.config.schema import Config, parse_address
+from fastgate.errors import ConfigError
 
 MetricsFn = Callable[[str], tuple[bytes, str]]  # Accept header -> (body, content type)
+AuditFn = Callable[[], dict[str, Any]]  # the /audit document (blocking: run off the loop)
 
 log = logging.getLogger("fastgate.admin")
 
@@ -60,11 +68,26 @@ def _answer(
     return (200 if doc.get("ready") else 503), doc
 
 
+def audit_document(config: Config, config_path: str | None) -> dict[str, Any]:
+    """The /audit JSON of a running `config`. The file is re-read raw (as it is on disk now)
+    for the secrets rules; without a file, or if it cannot be read, they are skipped."""
+    raw = None
+    if config_path is not None:
+        try:
+            raw = read_config_file(config_path)
+        except ConfigError:
+            raw = None
+    return audit_config(config, raw, config_path or "running config").to_dict()
+
+
 async def start_admin(
-    address: str, status: Callable[[], dict[str, Any]], metrics: MetricsFn | None = None
+    address: str,
+    status: Callable[[], dict[str, Any]],
+    metrics: MetricsFn | None = None,
+    audit: AuditFn | None = None,
 ) -> asyncio.AbstractServer:
     """Serve the admin endpoints; `status()` describes the supervisor and its workers,
-    `metrics(accept)` renders /metrics (404 without it)."""
+    `metrics(accept)` renders /metrics and `audit()` the /audit document (404 without them)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -91,6 +114,12 @@ async def start_admin(
                     if method in (b"GET", b"HEAD"):
                         body, ctype = metrics(_accept(head))
                         code, doc = 200, {}
+                    else:
+                        code, doc = 405, {"error": "method not allowed"}
+                elif path == b"/audit" and audit is not None:
+                    if method in (b"GET", b"HEAD"):
+                        loop = asyncio.get_running_loop()
+                        code, doc = 200, await loop.run_in_executor(None, audit)
                     else:
                         code, doc = 405, {"error": "method not allowed"}
                 else:

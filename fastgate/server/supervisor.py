@@ -186,6 +186,12 @@ class Supervisor:
         """The /metrics body and content type for a scrape's Accept header."""
         return render(self.metrics_registry, accept)
 
+    def audit(self) -> dict[str, Any]:
+        """The /audit document of the running config (blocking: the admin runs it off-loop)."""
+        from fastgate.server.admin import audit_document
+
+        return audit_document(self.config, self.config_path)
+
     # ---- workers ---------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], stop_cancels: bool = False) -> None:
@@ -475,7 +481,10 @@ class Supervisor:
                 "entrypoint %s on %s://%s", name, "http" if ep.tls is None else "https", ep.address
             )
         if self.config.admin.enabled:
-            log.info("admin on http://%s (/healthz, /readyz, /metrics)", self.config.admin.address)
+            log.info(
+                "admin on http://%s (/healthz, /readyz, /metrics, /audit)",
+                self.config.admin.address,
+            )
         for _ in range(self.config.worker_count()):
             if self.stopping:
                 break
@@ -505,7 +514,11 @@ class Supervisor:
         if self.config.admin.enabled:
             address = self.config.admin.address
             wanted.append(
-                ("admin.address", address, start_admin(address, self.status, self.metrics))
+                (
+                    "admin.address",
+                    address,
+                    start_admin(address, self.status, self.metrics, self.audit),
+                )
             )
         servers: list[asyncio.AbstractServer] = []
         for key, address, starting in wanted:
