@@ -8,7 +8,7 @@ BENCH_TARGETS ?= origin,nginx,haproxy,fastgate,fastgate-rl-local
 BENCH_ARGS ?=
 BENCH = $(PYTHON) benchmarks/run.py --targets $(BENCH_TARGETS)
 
-.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls bench-routes pycalls reference soak conn-scale
+.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls bench-routes pycalls reference soak conn-scale dist
 
 .DEFAULT_GOAL := help
 
@@ -25,6 +25,7 @@ help:
 	@echo "make reference   regenerate docs/reference.md from the schema"
 	@echo "make soak        10-minute soak with mixed traffic: RSS flat? p99 per 10 s (nginx, redis-server)"
 	@echo "make conn-scale  memory per idle keep-alive connection, 10,000 on one worker"
+	@echo "make dist        one-file executable dist/fastgate (shiv zipapp; needs shiv and a C compiler)"
 
 build:
 	$(PYTHON) setup.py build_ext --inplace
@@ -76,3 +77,7 @@ soak:
 # Memory per idle keep-alive connection: 1,000 / 5,000 / 10,000 connections on one worker (~1 min).
 conn-scale:
 	$(PYTHON) benchmarks/conn_scale.py $(SOAK_ARGS)
+
+# One self-contained executable (docs/distribution.md): needs shiv and a C compiler.
+dist:
+	$(PYTHON) tools/build_dist.py --out dist/fastgate

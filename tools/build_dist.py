@@ -157,13 +157,44 @@ def build_wheel(src: Path, wheels: Path, log: Path) -> Path:
     return found[0]
 
 
-def build_zipapp(wheel: Path, out: Path, python: str, log: Path) -> None:
+PREAMBLE = '''"""Run by shiv before fastgate: refuse a Python it was not built for."""
+import sys
+import sysconfig
+
+WANTED = %(suffix)r
+if sysconfig.get_config_var("EXT_SUFFIX") != WANTED:
+    sys.stderr.write(
+        "error: this fastgate file was built for CPython %(version)s on %(platform)s "
+        "(extensions *" + WANTED + "); " + sys.executable + " is Python "
+        + sys.version.split()[0] + " (*" + str(sysconfig.get_config_var("EXT_SUFFIX")) + "). "
+        "Run it with a matching interpreter: python%(version)s FILE ...\\n"
+    )
+    sys.exit(1)
+'''
+
+
+def write_preamble(path: Path) -> Path:
+    """The version check shiv runs first: a clear error instead of an ImportError traceback
+    when the file is started by another Python minor version, implementation or platform."""
+    path.write_text(
+        PREAMBLE
+        % {
+            "suffix": sysconfig.get_config_var("EXT_SUFFIX"),
+            "version": f"{sys.version_info[0]}.{sys.version_info[1]}",
+            "platform": sysconfig.get_platform(),
+        }
+    )
+    return path
+
+
+def build_zipapp(wheel: Path, out: Path, python: str, work: Path) -> None:
     """shiv the wheel and its dependencies (resolved by pip) into `out`, atomically."""
-    if importlib.util.find_spec("shiv") is None:
-        raise BuildError(f"shiv is not installed for {sys.executable}: pip install shiv")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
+    preamble = write_preamble(work / "fastgate_preamble.py")
     shiv = [sys.executable, "-m", "shiv", "--console-script", PACKAGE, "--python", python]
+    shiv += ["--preamble", str(preamble)]
+    log = work / "shiv.log"
     try:
         run_logged("shiv", [*shiv, "--output-file", str(partial), str(wheel)], log)
         partial.chmod(0o755)
@@ -174,6 +205,8 @@ def build_zipapp(wheel: Path, out: Path, python: str, log: Path) -> None:
 
 def build(out: Path, python: str, reuse_build: bool, work: Path) -> None:
     """The whole build in `work`; prints what it did, the artifact's size and the time taken."""
+    if importlib.util.find_spec("shiv") is None:  # checked before minutes of compiling
+        raise BuildError(f"shiv is not installed for {sys.executable}: pip install shiv")
     started = time.monotonic()
     src = work / "src"
     src.mkdir(parents=True)
@@ -186,7 +219,10 @@ def build(out: Path, python: str, reuse_build: bool, work: Path) -> None:
     )
     wheel = build_wheel(src, work / "wheels", work / "pip-wheel.log")
     print(f"wheel: {wheel.name} ({time.monotonic() - started:.0f} s)", flush=True)
-    build_zipapp(wheel, out, python, work / "shiv.log")
+    build_zipapp(wheel, out, python, work)
+    for line in (work / "shiv.log").read_text(errors="replace").splitlines():
+        if line.startswith("Successfully installed "):
+            print(f"packages: {line.removeprefix('Successfully installed ')}", flush=True)
     size = out.stat().st_size
     print(
         f"built {out}: {size / 1e6:.1f} MB ({size} bytes) in {time.monotonic() - started:.0f} s",
