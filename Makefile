@@ -8,7 +8,7 @@ BENCH_TARGETS ?= origin,nginx,haproxy,fastgate,fastgate-rl-local
 BENCH_ARGS ?=
 BENCH = $(PYTHON) benchmarks/run.py --targets $(BENCH_TARGETS)
 
-.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls bench-routes pycalls reference soak conn-scale dist
+.PHONY: help build test lint bench bench-quick bench-ratelimit bench-tls bench-routes pycalls reference soak conn-scale dist fuzz
 
 .DEFAULT_GOAL := help
 
@@ -26,6 +26,7 @@ help:
 	@echo "make soak        10-minute soak with mixed traffic: RSS flat? p99 per 10 s (nginx, redis-server)"
 	@echo "make conn-scale  memory per idle keep-alive connection, 10,000 on one worker"
 	@echo "make dist        one-file executable dist/fastgate (shiv zipapp; needs shiv and a C compiler)"
+	@echo "make fuzz        atheris fuzzing of the HTTP parsers and the router (SECONDS=600)"
 
 build:
 	$(PYTHON) setup.py build_ext --inplace
@@ -81,3 +82,9 @@ conn-scale:
 # One self-contained executable (docs/distribution.md): needs shiv and a C compiler.
 dist:
 	$(PYTHON) tools/build_dist.py --out dist/fastgate
+
+# atheris fuzzing (tests/fuzz/README.md): heads and chunked bodies vs llhttp, the router vs its
+# oracle. CI runs a 20-second pass (tests/unit/test_fuzz_harness.py).
+SECONDS ?= 600
+fuzz:
+	$(PYTHON) tests/fuzz/run_fuzz.py --seconds $(SECONDS) --target all

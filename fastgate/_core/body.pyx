@@ -45,7 +45,9 @@
 # - Trailer fields: name = 1*tchar directly followed by ":" (§5.1: no whitespace before the
 #   colon), value = VCHAR / obs-text / SP / HTAB. A line that starts with SP or HTAB is
 #   obs-fold and refused (§5.2). The trailer section (field lines with their CRLFs, not the
-#   final empty line) is bounded by max_trailer_bytes.
+#   final empty line) is bounded by max_trailer_bytes. A trailer named Content-Length or
+#   Transfer-Encoding is refused (§6.5.1 of RFC 9110: framing fields are not allowed in
+#   trailers, and an upstream that merged them into the header section would reframe).
 #
 # Bounds: O(n) time per call, each byte visited at most once; chunk data is skipped by count
 # (remaining -= n), so a 16 KiB chunk costs O(1) whatever the split. O(1) memory per scanner
@@ -133,6 +135,23 @@ cdef const char *E_TRAILER_NAME = b"invalid trailer field name"
 cdef const char *E_TRAILER_VALUE = b"invalid character in trailer field value"
 cdef const char *E_OBS_FOLD = b"obs-fold in trailer section"
 cdef const char *E_TRAILER_LARGE = b"trailer section too large"
+cdef const char *E_TRAILER_FRAMING = b"framing field in trailer section"
+# Trailer names refused (RFC 9110 §6.5.1: framing fields are not allowed in trailers; an
+# upstream that merged them into the header section would reframe the message).
+cdef const char *TN_CL = b"content-length"     # 14
+cdef const char *TN_TE = b"transfer-encoding"  # 17
+
+
+cdef inline int trailer_name_match(int mask, Py_ssize_t pos, unsigned char c) noexcept nogil:
+    """Which refused trailer names (bit 1: Content-Length, bit 2: Transfer-Encoding) the name
+    can still be after its byte `c` at `pos` (case-insensitive)."""
+    if c >= 65 and c <= 90:
+        c += 32
+    if (mask & 1) and (pos >= 14 or <unsigned char>TN_CL[pos] != c):
+        mask &= ~1
+    if (mask & 2) and (pos >= 17 or <unsigned char>TN_TE[pos] != c):
+        mask &= ~2
+    return mask
 cdef const char *E_NOMEM = b"out of memory collecting chunk data"
 
 
@@ -285,6 +304,10 @@ cdef class ChunkedScanner:
                 elif CLS[c] & CL_TCHAR:
                     trailer += 1
                     state = S_TRAILER_NAME
+                    # In trailer states `digits` holds the refused names still possible and
+                    # `line` the name's length so far.
+                    digits = trailer_name_match(3, 0, c)
+                    line = 1
                 elif c == 32 or c == 9:
                     reason = E_OBS_FOLD
                     break
@@ -301,8 +324,15 @@ cdef class ChunkedScanner:
                     end = n
                 take = i
                 v = CL_TCHAR if state == S_TRAILER_NAME else CL_TEXT
-                while i < end and CLS[s[i]] & v:
-                    i += 1
+                if state == S_TRAILER_NAME:
+                    while i < end and CLS[s[i]] & v:
+                        if digits:
+                            digits = trailer_name_match(digits, line, s[i])
+                        line += 1
+                        i += 1
+                else:
+                    while i < end and CLS[s[i]] & v:
+                        i += 1
                 trailer += i - take
                 if trailer > max_trailer:
                     reason = E_TRAILER_LARGE
@@ -314,6 +344,11 @@ cdef class ChunkedScanner:
                     if c != 58:                     # ":" right after the name (§5.1)
                         reason = _bad(c, E_TRAILER_NAME)
                         break
+                    if ((digits & 1) and line == 14) or ((digits & 2) and line == 17):
+                        reason = E_TRAILER_FRAMING
+                        break
+                    digits = 0
+                    line = 0
                     state = S_TRAILER_VALUE
                 else:
                     if c != 13:

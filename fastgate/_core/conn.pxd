@@ -99,6 +99,7 @@ cdef class EntryConfig:
     cdef readonly long long max_body
     cdef readonly bytes proto
     cdef readonly int max_connections      # open client connections per worker; 0 = no limit
+    cdef readonly double min_body_rate     # request body bytes/s after timeouts.body; 0 = off
     cdef readonly object trusted_nets      # tuple of ipaddress networks
     cdef readonly bint forwarded_header
     cdef public int stats_entry            # stats K_ENTRY row of the entrypoint
@@ -329,6 +330,8 @@ cdef class ConnCore:
     cdef bint probe                        # a half-open circuit-breaker probe
     cdef bint queued                       # waiting in its service's queue
     cdef double total_deadline             # route total timeout (engine.now clock); 0 = none
+    cdef double body_t0                    # when the body's rate window started
+    cdef long long body_seen0              # rec.req_bytes then
     cdef long long max_body                # this request's body limit (route, else entry)
     cdef bytes resp_extra                  # this request's response header lines
     cdef bytes sticky_line                 # sticky_cookie: the Set-Cookie line of the pick
@@ -366,6 +369,8 @@ cdef class ConnCore:
     cdef void begin_upstream(self)
     cdef void attach(self, ServerPool pool, list pending)
     cdef void arm_upstream(self, double seconds)
+    cdef void start_body_window(self)
+    cdef void rearm_body(self)
     cdef void observe(self, int outcome)
     cdef bint retry(self, int outcome)
     cdef void upstream_error(self, int outcome, int status, str message)

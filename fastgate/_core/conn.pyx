@@ -52,6 +52,8 @@ import hashlib
 import logging
 import os
 from collections import deque
+import struct
+from socket import SO_LINGER, SOL_SOCKET
 from ssl import SSLError
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
@@ -96,6 +98,7 @@ cdef enum:
     TAIL_COPY_MAX = 65536      # body bytes sent in the same write as the response head
 
 cdef tuple COMPRESS_STRIP = (b"etag", b"accept-ranges")
+cdef bytes LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close sends RST
 cdef double TLS_LOG_INTERVAL = 60.0   # seconds between logged TLS failures, per server
 _log = logging.getLogger("fastgate.upstream")
 
@@ -243,9 +246,10 @@ cdef class EntryConfig:
                  bytes proto=b"http", trusted_nets=(), bint forwarded_header=False,
                  Py_ssize_t max_held=262144, str trust_trace_context="always",
                  str trust_request_id="always", bint trace_sampled=False,
-                 int max_connections=0):
+                 int max_connections=0, double min_body_rate=0.0):
         self.router = router
         self.max_connections = max_connections
+        self.min_body_rate = min_body_rate
         self.trust_trace = _trust_mode(trust_trace_context)
         self.trust_request_id = _trust_mode(trust_request_id)
         self.trace_sampled = trace_sampled
@@ -1478,7 +1482,7 @@ cdef class ConnCore:
             # upstream's own 100 later is an interim response the client may also see.
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.timer = T_BODY
-        self.deadline = self.engine.now + self.cfg.body_timeout
+        self.start_body_window()
         return True
 
     cdef Py_ssize_t buffer_more(self, const char *p, Py_ssize_t n):
@@ -1516,7 +1520,7 @@ cdef class ConnCore:
             self.timer = T_NONE
             self.body_read = True
         elif self.timer == T_BODY:
-            self.deadline = self.engine.now + self.cfg.body_timeout
+            self.rearm_body()
         return k
 
     cdef bint dispatch_verdict(self, object verdict):
@@ -1582,7 +1586,7 @@ cdef class ConnCore:
         self.set_read_pause(PAUSE_UPSTREAM_FULL, False)
         if self.rq == RQ_BODY:
             self.timer = T_BODY
-            self.deadline = self.engine.now + self.cfg.body_timeout
+            self.start_body_window()
         elif self.up is not None:
             self.arm_upstream(self.route.response_timeout)
 
@@ -1662,7 +1666,7 @@ cdef class ConnCore:
             return
         if self.up.connected:
             self.timer = T_BODY
-            self.deadline = self.engine.now + self.cfg.body_timeout
+            self.start_body_window()
         if self.body_buf is not None:
             # The body was read before the chain ran: send it as it came (same framing).
             buffered = bytes(self.body_buf)
@@ -1689,6 +1693,26 @@ cdef class ConnCore:
             elif up.connected and self.rq == RQ_BODY:
                 self.timer = T_BODY
                 self.deadline = self.engine.now + self.cfg.body_timeout
+
+    cdef void start_body_window(self):
+        """The request body starts (or resumes after the gateway itself stopped reading):
+        guard it with timeouts.body from now, and measure its rate from now."""
+        self.body_t0 = self.engine.now
+        self.body_seen0 = self.rec.req_bytes
+        self.deadline = self.engine.now + self.cfg.body_timeout
+
+    cdef void rearm_body(self):
+        """Body bytes arrived: move the body deadline, unless the body is slower than
+        limits.min_body_rate once it has run longer than timeouts.body (a trickle that keeps
+        each gap short would otherwise hold the connection for as long as it likes): then the
+        deadline stays and 408 comes when it passes."""
+        cdef double now = self.engine.now
+        cdef double elapsed = now - self.body_t0
+        cdef EntryConfig cfg = self.cfg
+        if (cfg.min_body_rate > 0 and elapsed > cfg.body_timeout
+                and self.rec.req_bytes - self.body_seen0 < cfg.min_body_rate * elapsed):
+            return
+        self.deadline = now + cfg.body_timeout
 
     cdef void arm_upstream(self, double seconds):
         """Guard the upstream for `seconds`, never past the route's total deadline."""
@@ -1797,7 +1821,7 @@ cdef class ConnCore:
         if done:
             self.request_sent()
         elif self.timer == T_BODY:
-            self.deadline = self.engine.now + self.cfg.body_timeout
+            self.rearm_body()
         return k
 
     cdef void request_sent(self):
@@ -2429,6 +2453,8 @@ cdef class ConnCore:
             self.transport.pause_reading()
         elif before != 0 and self.read_pause == 0:
             self.transport.resume_reading()
+            if self.rq == RQ_BODY and self.timer == T_BODY:
+                self.start_body_window()     # the pause was ours: not the client's slowness
 
     cdef void tick(self, double now):
         cdef int kind = self.timer
@@ -2459,6 +2485,15 @@ cdef class ConnCore:
             (<Service>svc).release(self)
             self.reply_error(503, "service queue timeout", self.head.framing != FRAMING_NONE)
         elif kind == T_SEND:
+            # The client stopped reading: reset rather than close, so the kernel drops the
+            # queued response at once instead of keeping it (and the socket) for a minute.
+            if self.transport is not None:
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    try:
+                        sock.setsockopt(SOL_SOCKET, SO_LINGER, LINGER_RESET)
+                    except OSError:
+                        pass
             self.abort()
         elif kind == T_LINGER:
             self.rq = RQ_CLOSED

@@ -58,7 +58,8 @@
 #       chunked bodies verbatim and decodes nothing else); `chunked` twice -> 400; TE with
 #       Content-Length -> 400 (§6.3 item 3, smuggling); TE in HTTP/1.0 -> 400 (§6.1).
 # §6.2  Content-Length = 1*DIGIT, at most 18 digits; repeated lines or a comma list with one
-#       value are merged, differing values -> 400 (§6.3 item 5).
+#       value are merged when the values are the same text ("1" and "01" differ), differing
+#       values -> 400 (§6.3 item 5).
 # §9.3  keep_alive: HTTP/1.1 unless Connection: close; HTTP/1.0 only with keep-alive.
 # §7.6.1 (RFC 9110) hop-by-hop: connection, keep-alive, proxy-connection, te, trailer,
 #       upgrade, proxy-authenticate, proxy-authorization, and every field named by a
@@ -387,6 +388,8 @@ cdef struct _Scan:
     Py_ssize_t upgrade_idx      # first Upgrade line, -1 if none
     int cl_count                # Content-Length lines
     long long cl_value
+    Py_ssize_t cl_pos           # the first value's digits (offset, length): later ones must
+    Py_ssize_t cl_len           #   be the same text, not just the same number
     int te_count                # Transfer-Encoding lines
     int te_chunked              # `chunked` codings seen
     int te_other                # other codings seen
@@ -424,9 +427,14 @@ cdef int _content_length(const unsigned char *b, Py_ssize_t vs, Py_ssize_t ve,
                 last_error_reason = b"invalid Content-Length"
                 return -1
             v = v * 10 + (b[i] - 48)
-        if st.cl_count and v != st.cl_value:
+        if st.cl_count and (ee - es != st.cl_len or memcmp(b + es, b + st.cl_pos, ee - es) != 0):
+            # "1" and "01" are one number but not identical values (§6.3 item 5 allows
+            # merging identical ones only); another parser may read them differently.
             last_error_reason = b"differing Content-Length values"
             return -1
+        if not st.cl_count:
+            st.cl_pos = es
+            st.cl_len = ee - es
         st.cl_value = v
         st.cl_count += 1
         if nxt > ve:

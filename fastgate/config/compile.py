@@ -390,6 +390,7 @@ def compile_runtime(config: Config, engine: Engine) -> Runtime:
             trace_sampled=ep.forwarded.trace_sampled,
             max_held=config.limits.max_pipeline_bytes,
             max_connections=ep.max_connections,
+            min_body_rate=config.limits.min_body_rate,
         )
         entries[ep_name].stats_entry = shard.register_entry(ep_name)
         entries[ep_name].stats_noroute = shard.register_route(ep_name, "", "")

@@ -238,6 +238,9 @@ class Limits(_Model):
     max_headers: int = Field(100, ge=1, le=512, description="header fields per request; 431")
     max_target: int = Field(8192, ge=16, le=1 << 20, description="request-target bytes; 414")
     max_body_bytes: int = Field(0, ge=0, description="request body bytes; 413; 0 = unlimited")
+    min_body_rate: float = Field(
+        500.0, ge=0.0, description="request body bytes/s once it ran past timeouts.body; 408"
+    )
     max_pipeline_bytes: int = Field(
         262144,
         ge=256,

@@ -1,7 +1,6 @@
 """The documented JSON Schema of access-log and audit lines (fastgate/logs/access-log.schema.json).
 
-Rules these tests hold the schema to (the line formats are /tmp/briefs/logline_format.md,
-published in docs/logging.md):
+Rules these tests hold the schema to (the line formats are published in docs/logging.md):
 - It is a valid draft 2020-12 schema, self-contained (every $ref resolves inside the file).
 - Every key of each line type is required and no other key is allowed; the required lists
   are in the documented key order (the order the formatter writes).
