@@ -49,7 +49,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402
-from soak import fd_count, read_reply, slope, status_kib  # noqa: E402
+from soak import fd_count, read_reply, run_loop, slope, status_kib  # noqa: E402
 
 DEFAULT_OUT = HERE / "results"
 DEFAULT_STEPS = (1000, 5000, 10000)
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [gw.pid, workers[0]],
             )  # fmt: skip
 
-        steps, again = _run_loop(go())
+        steps, again = run_loop(go())
         workers_after = [p for p in bench.process_tree(gw.pid) if p != gw.pid]
         if gw.poll() is not None:
             raise bench.BenchError(f"the gateway exited:\n{bench.tail(log)}")
@@ -358,15 +358,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown(report))
     print("written: " + ", ".join(str(p) for p in written))
     return 0 if one_worker else 1
-
-
-def _run_loop(coro: Any) -> Any:
-    """Run on uvloop when importable (as the gateway does), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 if __name__ == "__main__":

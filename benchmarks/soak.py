@@ -896,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda s: print(progress_line(s), flush=True),
             )  # fmt: skip
 
-        samples = _run_loop(go())
+        samples = run_loop(go())
         if gw.poll() is not None:
             raise bench.BenchError(f"the gateway exited:\n{bench.tail(gw_log)}")
     except bench.BenchError as exc:
@@ -936,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if summary["rss_flat"] and summary["errors"] == 0 else 1
 
 
-def _run_loop(coro: Any) -> Any:
+def run_loop(coro: Any) -> Any:
     """Run on uvloop when importable (as the gateway does), else on asyncio's loop."""
     try:
         import uvloop
