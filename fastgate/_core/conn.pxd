@@ -71,7 +71,7 @@ cdef enum:
 cdef class Engine:
     cdef readonly object loop
     cdef public object dispatch            # dispatch(conn, head) for routes with a chain
-    cdef readonly double now                # coarse clock, refreshed by the ticker
+    cdef readonly double now                # coarse clock, refreshed by the ticker and at accept
     cdef readonly set conns                 # live client connections
     cdef readonly set upstreams             # live upstream connections
     cdef list pools                         # every ServerPool in use, for idle expiry

@@ -1208,6 +1208,9 @@ cdef class ConnCore:
         self.rec.ep_row = cfg.stats_entry
         self.engine.shard.add(K_ENTRY, self.rec.ep_row, EW_OPENED, 1)
         self.ep.open_connections += 1
+        # Refresh the coarse clock: in an accept storm the ticker runs late, and a head
+        # deadline set from a stale clock would fire before timeouts.head has really passed.
+        self.engine.now = self.engine.loop.time()
         if cfg.max_connections and self.ep.open_connections > cfg.max_connections:
             # Over the entrypoint's limit: a short 503 and close, before reading anything.
             self.ep.refused += 1
