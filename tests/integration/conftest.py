@@ -63,21 +63,27 @@ def assert_no_traceback(log: Path) -> None:
 # ---- the origin ------------------------------------------------------------------------------
 
 
+def spawn_origin(script: str, log: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """Start one of the test origins here (`origin.py`, `fault_origin.py`,
+    `services_origin.py`) on a free port: (process, port) once it printed `PORT <n>`."""
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / script), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=log.open("wb"),
+        env=_clean_env(),
+        cwd=REPO,
+    )
+    line = proc.stdout.readline().decode()
+    assert line.startswith("PORT "), f"{script} did not start: {line!r}"
+    return proc, int(line.split()[1])
+
+
 class Origin:
     """`tests/integration/origin.py` running as a subprocess."""
 
     def __init__(self, log: Path) -> None:
         self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "origin.py"), "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=log.open("wb"),
-            env=_clean_env(),
-            cwd=REPO,
-        )
-        line = self.proc.stdout.readline().decode()
-        assert line.startswith("PORT "), f"origin did not start: {line!r}"
-        self.port = int(line.split()[1])
+        self.proc, self.port = spawn_origin("origin.py", log)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stats(self) -> dict[str, Any]:

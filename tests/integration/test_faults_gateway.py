@@ -19,7 +19,6 @@ import http.client
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,14 +27,13 @@ from typing import Any
 
 import pytest
 from conftest import (
-    HERE,
     Client,
     Gateway,
     Origin,
-    _clean_env,
     assert_error,
     base_config,
     build_request,
+    spawn_origin,
 )
 
 CLIENT_TIMEOUT = 8.0  # seconds any client socket waits; a read past it means a hang
@@ -48,15 +46,7 @@ class FaultOrigin:
     def __init__(self, name: str, log: Path) -> None:
         self.name = name
         self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "fault_origin.py"), "--port", "0", "--name", name],
-            stdout=subprocess.PIPE,
-            stderr=log.open("wb"),
-            env=_clean_env(),
-        )
-        line = self.proc.stdout.readline().decode()
-        assert line.startswith("PORT "), f"fault origin {name} did not start: {line!r}"
-        self.port = int(line.split()[1])
+        self.proc, self.port = spawn_origin("fault_origin.py", log, "--name", name)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def requests(self) -> dict[str, int]:

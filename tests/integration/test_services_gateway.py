@@ -20,7 +20,6 @@ import http.client
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,17 +28,15 @@ from typing import Any
 
 import pytest
 from conftest import (
-    HERE,
-    REPO,
     Client,
     Gateway,
     Response,
-    _clean_env,
     assert_error,
     assert_no_traceback,
     base_config,
     chunk_encode,
     free_port,
+    spawn_origin,
     wait_for,
 )
 
@@ -52,16 +49,7 @@ class SvcOrigin:
     def __init__(self, log: Path, name: str, *args: str) -> None:
         self.name = name
         self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "services_origin.py"), "--name", name, *args],
-            stdout=subprocess.PIPE,
-            stderr=log.open("wb"),
-            env=_clean_env(),
-            cwd=REPO,
-        )
-        line = self.proc.stdout.readline().decode()
-        assert line.startswith("PORT "), f"services origin did not start: {line!r}"
-        self.port = int(line.split()[1])
+        self.proc, self.port = spawn_origin("services_origin.py", log, "--name", name, *args)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def _get(self, target: str) -> dict[str, Any]:
